@@ -1,0 +1,103 @@
+"""`SE3SetCalculator`: an ASE calculator for SE3Set models. Atoms in, eV and eV/Å out.
+
+    from se3set_ase import SE3SetCalculator
+    atoms.calc = SE3SetCalculator("md17_aspirin.pt")      # shipped name, path, or model object
+    atoms.get_potential_energy(), atoms.get_forces()
+
+Each call fragments the Atoms into the model's hypergraph. The fragmentation (RDKit bond
+perception, groups, kernels, overlaps) is cached per bond topology, so an MD step only rebuilds
+index tensors; if the bond topology changes (a bond breaks or forms) the molecule is re-fragmented
+and a warning is issued, because the potential energy surface is then discontinuous.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+from ase.calculators.calculator import Calculator, all_changes
+
+from .fragment import Fragmenter
+from .model import SE3SetModel, energy_and_forces, load_model
+from .registry import resolve_model
+
+
+class TopologyChangeWarning(UserWarning):
+    """The bond topology of the structure changed between two calls."""
+
+
+def pick_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class SE3SetCalculator(Calculator):
+    """SE3Set potential for isolated molecules.
+
+    Parameters
+    ----------
+    model: a shipped model name (``"md17_aspirin.pt"``), a path, or an :class:`SE3SetModel`.
+    device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
+    dtype: ``torch.float32`` (default on CUDA) or ``torch.float64`` (default on CPU; needed for
+        tight energy conservation checks).
+    charge: total charge for bond perception; default ``atoms.info["charge"]`` or 0.
+
+    Results: ``energy``/``free_energy`` (eV), ``forces`` (eV/Å), ``energies`` (per atom, eV).
+    """
+
+    implemented_properties = ["energy", "free_energy", "forces", "energies"]
+
+    def __init__(self, model: str | os.PathLike | SE3SetModel, device: str | torch.device = "auto",
+                 dtype: torch.dtype | None = None, charge: int | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.device = pick_device(device)
+        if dtype is None:
+            dtype = torch.float32 if self.device.type == "cuda" else torch.float64
+        self.dtype = dtype
+        if isinstance(model, SE3SetModel):
+            self.model, self.metadata = model, {}
+            if model.dtype != dtype:
+                raise ValueError(f"model is {model.dtype} but dtype={dtype} was asked for; "
+                                 "build the model in that dtype or pass dtype=None")
+            self.model = model.to(self.device).eval()
+        else:
+            self.model_path = resolve_model(model)
+            self.model, self.metadata = load_model(self.model_path, dtype=dtype, device=self.device)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.charge = charge
+        self.fragmenter = Fragmenter(self.model.config.fragment)
+
+    def _check(self, atoms) -> None:
+        if atoms is None or len(atoms) == 0:
+            raise ValueError("SE3SetCalculator: the structure is empty")
+        known = set(self.model.elements)
+        unknown = sorted({s for s, z in zip(atoms.get_chemical_symbols(), atoms.numbers) if int(z) not in known})
+        if unknown:
+            from ase.data import chemical_symbols
+
+            raise ValueError(f"elements {unknown} are not in this model; it was trained on "
+                             f"{[chemical_symbols[z] for z in sorted(known)]}")
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        atoms = self.atoms
+        self._check(atoms)
+        charge = self.charge if self.charge is not None else int(atoms.info.get("charge", 0))
+        hg = self.fragmenter(atoms, charge=charge)
+        if self.fragmenter.last_topology_changed:
+            warnings.warn("SE3SetCalculator: the bond topology changed (a bond broke or formed); the "
+                          "molecule was re-fragmented and the energy may jump here", TopologyChangeWarning,
+                          stacklevel=2)
+        hg = hg.to(self.device, self.dtype)
+        energy, forces, e_atom = energy_and_forces(self.model, hg, training=False)
+        e = float(energy.detach().sum().cpu())
+        self.results = {
+            "energy": e,
+            "free_energy": e,
+            "forces": forces.detach().cpu().numpy().astype(np.float64),
+            "energies": e_atom.detach().cpu().numpy().astype(np.float64),
+        }

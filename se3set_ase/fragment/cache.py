@@ -1,0 +1,125 @@
+"""A fragmenter with a cache keyed on the bond topology, for MD and for datasets."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from ..hypergraph import Hypergraph, collate
+from .bonds import _charge_int, threshold_matrix, topology_from_pairs
+from .core import FragmentSettings, Fragmentation, fragment_topology
+from .errors import as_arrays, check_cell, check_close_pairs, check_elements, distance_matrix
+
+
+class Fragmenter:
+    """Callable: structure -> :class:`Hypergraph`, re-using the fragmentation of a topology.
+
+    The cache key is (atomic numbers, total charge, distance-based connectivity graph), computed
+    with numpy each call (the same criterion the perception uses), so a cache hit never calls
+    RDKit. On a miss the topology is perceived and fragmented at the current geometry, then frozen.
+
+    ``last_topology_changed`` is True when the call's connectivity differs from the previous
+    call's (bonds formed or broken, or another molecule): the calculator can warn, since the
+    energy is discontinuous there.
+    """
+
+    def __init__(self, settings: FragmentSettings | None = None, cache_size: int = 256):
+        self.settings = FragmentSettings() if settings is None else settings
+        self.cache_size = int(cache_size)
+        self._cache: OrderedDict[bytes, Fragmentation] = OrderedDict()
+        self._thr: dict[bytes, np.ndarray] = {}
+        self._last_key: bytes | None = None
+        self._last = None  # (key, charge, numbers bytes, adjacency, fragmentation)
+        self.last_topology_changed = False
+        self.hits = 0
+        self.misses = 0
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+        self._thr.clear()
+        self._last_key = None
+        self._last = None
+
+    @staticmethod
+    def _unpack(structure, positions, charge):
+        pbc = cell = None
+        if positions is None:  # an ase.Atoms (or anything with numbers/positions/info)
+            try:
+                numbers = structure.numbers
+                positions = structure.positions
+            except AttributeError:
+                raise TypeError("pass an ase.Atoms, or atomic numbers and positions") from None
+            pbc = getattr(structure, "pbc", None)
+            cell = getattr(structure, "cell", None)
+            if charge is None:
+                charge = getattr(structure, "info", {}).get("charge", 0)
+        else:
+            numbers = structure
+        return numbers, positions, (0 if charge is None else charge), pbc, cell
+
+    def _lookup(self, structure, positions, charge):
+        numbers, positions, charge, pbc, cell = self._unpack(structure, positions, charge)
+        check_cell(pbc, cell)
+        z, r = as_arrays(numbers, positions)
+        charge = _charge_int(charge)
+        zkey = z.tobytes()
+        thr = self._thr.get(zkey)
+        if thr is None:
+            check_elements(z)
+            thr = threshold_matrix(z)
+            if len(self._thr) > 4 * self.cache_size:
+                self._thr.clear()
+            self._thr[zkey] = thr
+        d = distance_matrix(r)
+        check_close_pairs(z, d)
+        adj = d <= thr
+        last = self._last
+        if (last is not None and last[1] == charge and last[2] == zkey
+                and np.array_equal(last[3], adj)):  # fast path: same topology as last call
+            self.last_topology_changed = False
+            self.hits += 1
+            return last[4], r, d
+        key = b"%d|%d|" % (len(z), charge) + zkey + np.packbits(adj).tobytes()
+        self.last_topology_changed = self._last_key is not None and key != self._last_key
+        self._last_key = key
+        frag = self._cache.get(key)
+        if frag is None:
+            self.misses += 1
+            pairs = np.argwhere(np.triu(adj, 1))
+            topo = topology_from_pairs(z, r, pairs, charge, self.settings.connectivity_only)
+            frag = fragment_topology(topo, r, self.settings, d=d)
+            self._cache[key] = frag
+            if len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        else:
+            self.hits += 1
+            self._cache.move_to_end(key)
+        self._last = (key, charge, zkey, adj, frag)
+        return frag, r, d
+
+    def fragmentation(self, structure, positions=None, charge=None) -> Fragmentation:
+        """The (cached) :class:`Fragmentation` of a structure."""
+        return self._lookup(structure, positions, charge)[0]
+
+    def __call__(self, structure, positions=None, charge=None,
+                 dtype: torch.dtype = torch.float64) -> Hypergraph:
+        """``fragmenter(atoms)`` or ``fragmenter(numbers, positions, charge=0)``.
+
+        The charge comes from the argument, else ``atoms.info["charge"]``, else 0.
+        """
+        frag, r, d = self._lookup(structure, positions, charge)
+        return frag.hypergraph(r, dtype=dtype, d=d)
+
+    def batch(self, structures: Iterable, dtype: torch.dtype = torch.float64) -> Hypergraph:
+        """Collate many structures (``ase.Atoms`` or ``(numbers, positions[, charge])``)."""
+        graphs = []
+        for s in structures:
+            if isinstance(s, tuple):
+                graphs.append(self(*s, dtype=dtype))
+            else:
+                graphs.append(self(s, dtype=dtype))
+        if not graphs:
+            raise ValueError("no structures to batch")
+        return collate(graphs)

@@ -1,0 +1,177 @@
+"""Settings, the frozen per-topology fragmentation, and :func:`fragment`."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..hypergraph import Hypergraph
+from .bonds import Topology, _charge_int, topology_from_bonds, topology_from_pairs, connectivity
+from .errors import as_arrays, check_close_pairs, check_elements, distance_matrix
+from .groups import canonical_ranks, find_groups, topology_mol
+from .kernels import BO_METHODS, bond_order_matrix, group_matrices, merge_groups
+from .overlaps import TensorBuilder, explicit_overlaps
+
+MODES = ("explicit", "implicit")
+
+
+@dataclass(frozen=True)
+class FragmentSettings:
+    """How a molecule is cut into hyperedges (stored in model files via :meth:`to_dict`).
+
+    - ``mode``: "explicit" (kernel + overlap groups with summed BO >= ``overlap_threshold``) or
+      "implicit" (non-overlapping kernels + switched cross tokens within ``implicit_rc``).
+    - ``bo_method``: empirical bond order, "lendvay" or "simpleexp".
+    - ``topo_bo_threshold``: bonds with a Kekulé order above it are unbreakable.
+    - ``min_kernel_atoms`` / ``max_kernel_atoms`` / ``min_bo_threshold``: kernel merging.
+    - ``overlap_threshold``: c_w of the explicit overlaps.
+    - ``implicit_rc`` / ``switch_width``: cut-off (Å) of the implicit cross tokens and the width
+      of the smooth switch the model applies (:func:`se3set_ase.hypergraph.token_weights`).
+    - ``connectivity_only``: skip bond-order perception (all bonds single).
+    """
+
+    mode: str = "explicit"
+    bo_method: str = "lendvay"
+    topo_bo_threshold: float = 1.0
+    min_kernel_atoms: int = 2
+    max_kernel_atoms: int = 16
+    min_bo_threshold: float = 0.1
+    overlap_threshold: float = 0.1
+    implicit_rc: float = 4.0
+    switch_width: float = 1.0
+    connectivity_only: bool = False
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.bo_method not in BO_METHODS:
+            raise ValueError(f"bo_method must be one of {BO_METHODS}, got {self.bo_method!r}")
+        if self.min_kernel_atoms < 0 or self.max_kernel_atoms < 1:
+            raise ValueError("min_kernel_atoms must be >= 0 and max_kernel_atoms >= 1")
+        if not (self.implicit_rc > 0 and 0 < self.switch_width <= self.implicit_rc):
+            raise ValueError("need implicit_rc > 0 and 0 < switch_width <= implicit_rc")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FragmentSettings":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown fragment settings: {sorted(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def preset(cls, name: str) -> "FragmentSettings":
+        """Published configurations: "md17" (explicit) and "md22" (implicit)."""
+        key = name.lower()
+        if key == "md17":
+            return cls(mode="explicit", bo_method="lendvay", min_kernel_atoms=2,
+                       max_kernel_atoms=16, min_bo_threshold=0.1, overlap_threshold=0.1)
+        if key == "md22":
+            return cls(mode="implicit", bo_method="simpleexp", min_kernel_atoms=0,
+                       max_kernel_atoms=8, min_bo_threshold=0.1, implicit_rc=4.0,
+                       switch_width=1.0)
+        raise ValueError(f"unknown preset {name!r}; available: 'md17', 'md22'")
+
+
+@dataclass(frozen=True)
+class Fragmentation:
+    """Everything discrete about a molecule's hypergraph, frozen for its topology.
+
+    ``groups``, ``kernels`` and ``hyperedges`` are tuples of atom-index tuples in canonical
+    order (members by RDKit canonical rank; groups/kernels by size, largest first, then by the
+    smallest canonical rank; hyperedge h is kernel h plus its overlap atoms). In implicit mode
+    ``hyperedges == kernels``.
+    """
+
+    topology: Topology
+    groups: tuple[tuple[int, ...], ...]
+    kernels: tuple[tuple[int, ...], ...]
+    hyperedges: tuple[tuple[int, ...], ...]
+    settings: FragmentSettings
+
+    @cached_property
+    def _builder(self) -> TensorBuilder:
+        return TensorBuilder(self.topology.numbers, self.hyperedges)
+
+    def cross_tokens(self, positions, d: np.ndarray | None = None) -> np.ndarray:
+        """Implicit cross-token candidates (C, 2) as (hyperedge, atom) at ``positions``;
+        empty in explicit mode."""
+        if self.settings.mode != "implicit":
+            return np.zeros((0, 2), dtype=np.int64)
+        if d is None:
+            d = distance_matrix(np.asarray(positions, dtype=np.float64))
+        return self._builder.cross_tokens(d, self.settings.implicit_rc)
+
+    def hypergraph(self, positions, dtype: torch.dtype = torch.float64,
+                   d: np.ndarray | None = None) -> Hypergraph:
+        """Hypergraph tensors at ``positions`` (same as ``hypergraph.from_tokens``)."""
+        r = np.asarray(positions, dtype=np.float64)
+        if r.shape != (self.topology.num_atoms, 3):
+            raise ValueError(f"positions must have shape ({self.topology.num_atoms}, 3), got {r.shape}")
+        if self.settings.mode == "explicit":
+            return self._builder.static(r, dtype)
+        return self._builder.with_cross(r, self.cross_tokens(r, d), dtype)
+
+
+def _canon(atoms, ranks) -> tuple[int, ...]:
+    return tuple(sorted((int(a) for a in atoms), key=lambda a: ranks[a]))
+
+
+def fragment_topology(topo: Topology, positions, settings: FragmentSettings,
+                      d: np.ndarray | None = None) -> Fragmentation:
+    """Fragment a molecule of known topology; ``positions`` is the geometry at which kernel
+    merging and explicit overlaps are decided (then frozen)."""
+    r = np.asarray(positions, dtype=np.float64)
+    mol = topology_mol(topo)
+    ranks = canonical_ranks(topo, mol)
+    groups = find_groups(topo, ranks, settings.topo_bo_threshold, mol)
+    if d is None:
+        d = distance_matrix(r)
+    bo = bond_order_matrix(topo.numbers, r, settings.bo_method, d=d)
+    gmax, gsum, gtopo = group_matrices(groups, bo, topo.pairs())
+    kgroups, isolated = merge_groups(groups, gmax, gtopo, settings.min_kernel_atoms,
+                                     settings.max_kernel_atoms, settings.min_bo_threshold)
+    if settings.mode == "explicit":
+        extra = explicit_overlaps(kgroups, isolated, gsum, settings.overlap_threshold)
+    else:
+        extra = [[] for _ in kgroups]
+    items = []
+    for kg, ex in zip(kgroups, extra):
+        kernel = _canon([a for g in kg for a in groups[g]], ranks)
+        edge = _canon(list(kernel) + [a for g in ex for a in groups[g]], ranks)
+        items.append((kernel, edge))
+    items.sort(key=lambda ke: (-len(ke[0]), int(ranks[ke[0][0]])))
+    return Fragmentation(
+        topology=topo,
+        groups=groups,
+        kernels=tuple(k for k, _ in items),
+        hyperedges=tuple(e for _, e in items),
+        settings=settings,
+    )
+
+
+def fragment(numbers, positions, charge=0, bonds=None,
+             settings: FragmentSettings | None = None) -> Fragmentation:
+    """Fragment one molecule (numbers (N,), positions (N, 3) Å, total ``charge``).
+
+    ``bonds``: optional :class:`Topology`, ``(i, j)`` pairs (orders perceived by RDKit) or
+    ``(i, j, order)`` triples; by default bonds are perceived from the coordinates.
+    """
+    settings = FragmentSettings() if settings is None else settings
+    z, r = as_arrays(numbers, positions)
+    check_elements(z)
+    d = distance_matrix(r)
+    check_close_pairs(z, d)
+    charge = _charge_int(charge)
+    if bonds is None:
+        pairs = np.argwhere(np.triu(connectivity(z, d), 1))
+        topo = topology_from_pairs(z, r, pairs, charge, settings.connectivity_only)
+    else:
+        topo = topology_from_bonds(z, bonds, charge, r)
+    return fragment_topology(topo, r, settings, d=d)

@@ -1,0 +1,118 @@
+"""Errors raised by the fragmentation, and validation of input structures.
+
+Every check raises before any work is done, so a failure never leaves a partial result.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import elements
+
+#: Two atoms closer than this (Å) are rejected as an unphysical structure.
+MIN_PAIR_DISTANCE = 0.5
+
+
+class StructureError(ValueError):
+    """The input structure cannot be handled (empty, NaN/inf, bad shapes, unsupported element,
+    atoms too close, periodic cell)."""
+
+
+class FragmentationError(ValueError):
+    """Bonds could not be assigned (or user-supplied bonds are invalid)."""
+
+
+def as_arrays(numbers, positions) -> tuple[np.ndarray, np.ndarray]:
+    """Check shapes/types/finiteness and return ``(numbers int64 (N,), positions float64 (N, 3))``."""
+    try:
+        z = np.asarray(numbers)
+    except Exception as exc:  # pragma: no cover - exotic inputs
+        raise StructureError(f"atomic numbers could not be read as an array: {exc}") from None
+    if z.ndim != 1:
+        raise StructureError(f"atomic numbers must be a 1-D sequence, got shape {z.shape}")
+    if z.shape[0] == 0:
+        raise StructureError("empty structure: no atoms were given")
+    if z.dtype.kind == "f":
+        if not np.all(np.isfinite(z)) or not np.all(z == np.round(z)):
+            raise StructureError("atomic numbers must be integers")
+    elif z.dtype.kind not in "iu":
+        raise StructureError(f"atomic numbers must be integers, got dtype {z.dtype}")
+    z = z.astype(np.int64)
+    try:
+        r = np.asarray(positions, dtype=np.float64)
+    except Exception as exc:
+        raise StructureError(f"positions could not be read as a float array: {exc}") from None
+    if r.shape != (z.shape[0], 3):
+        raise StructureError(
+            f"positions must have shape (N, 3) = ({z.shape[0]}, 3) for {z.shape[0]} atoms, "
+            f"got {r.shape}"
+        )
+    bad = ~np.isfinite(r).all(axis=1)
+    if bad.any():
+        idx = np.nonzero(bad)[0]
+        names = ", ".join(f"{elements.symbol(z[i])}{i}" for i in idx[:10])
+        more = f" and {len(idx) - 10} more" if len(idx) > 10 else ""
+        raise StructureError(f"positions contain NaN or inf values (atoms {names}{more})")
+    return z, r
+
+
+def check_elements(z: np.ndarray) -> None:
+    unsupported = sorted({int(x) for x in z if not elements.is_supported(int(x))})
+    if unsupported:
+        names = ", ".join(f"{elements.symbol(x)} (Z={x})" for x in unsupported)
+        raise StructureError(
+            f"unsupported element(s): {names}. Supported elements: {elements.supported_symbols()}"
+        )
+
+
+def check_cell(pbc=None, cell=None) -> None:
+    if pbc is not None and bool(np.any(np.asarray(pbc, dtype=bool))):
+        raise StructureError(
+            f"periodic boundary conditions (pbc={np.asarray(pbc, dtype=bool).tolist()}) are not "
+            "supported: only isolated molecules are (set atoms.pbc = False)"
+        )
+
+
+def distance_matrix(r: np.ndarray) -> np.ndarray:
+    """All pair distances (N, N) with +inf on the diagonal."""
+    x, y, z = r.T
+    d = np.subtract.outer(x, x)
+    d *= d
+    t = np.subtract.outer(y, y)
+    t *= t
+    d += t
+    np.subtract(z[:, None], z[None, :], out=t)
+    t *= t
+    d += t
+    np.sqrt(d, out=d)
+    np.fill_diagonal(d, np.inf)
+    return d
+
+
+def check_close_pairs(z: np.ndarray, d: np.ndarray) -> None:
+    """Raise if any pair is closer than :data:`MIN_PAIR_DISTANCE` (``d`` from :func:`distance_matrix`)."""
+    if d.shape[0] < 2:
+        return
+    k = int(np.argmin(d))
+    i, j = divmod(k, d.shape[0])
+    if d[i, j] < MIN_PAIR_DISTANCE:
+        i, j = min(i, j), max(i, j)
+        n_bad = int(np.count_nonzero(np.triu(d < MIN_PAIR_DISTANCE, 1)))
+        more = f" ({n_bad} such pairs in all)" if n_bad > 1 else ""
+        raise StructureError(
+            f"atoms {elements.symbol(z[i])}{i} and {elements.symbol(z[j])}{j} are "
+            f"{d[i, j]:.3f} Å apart, closer than {MIN_PAIR_DISTANCE} Å{more}"
+        )
+
+
+def validate_structure(numbers, positions, pbc=None, cell=None) -> tuple[np.ndarray, np.ndarray]:
+    """Validate a molecule; raise :class:`StructureError` with a clear message if it is unusable.
+
+    Checks: non-empty; shapes (N,) and (N, 3); finite positions; supported elements; no pair
+    closer than 0.5 Å; not periodic (``pbc``; a cell without pbc is ignored, as ASE does).
+    Returns ``(numbers int64, positions float64)``.
+    """
+    check_cell(pbc, cell)
+    z, r = as_arrays(numbers, positions)
+    check_elements(z)
+    check_close_pairs(z, distance_matrix(r))
+    return z, r

@@ -1,0 +1,135 @@
+"""Overlaps: explicit (BO threshold c_w, frozen per topology) and implicit (r_c, per call).
+
+Also a vectorised builder of :class:`~se3set_ase.hypergraph.Hypergraph` tensors that gives
+exactly what :func:`~se3set_ase.hypergraph.from_tokens` gives (checked in the tests), with the
+static part precomputed once per fragmentation.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..hypergraph import Hypergraph
+
+
+def explicit_overlaps(kernel_groups, isolated, gsum: np.ndarray, c_w: float) -> list[list[int]]:
+    """For each kernel K (a list of group indices), the groups g' not in K with
+    sum_{g in K} Gsum[g, g'] >= c_w. Isolated kernels, and a single kernel, get none."""
+    ng = gsum.shape[0]
+    out: list[list[int]] = []
+    for groups, iso in zip(kernel_groups, isolated):
+        if iso or len(kernel_groups) < 2:
+            out.append([])
+            continue
+        total = gsum[groups].sum(axis=0)
+        inside = np.zeros(ng, dtype=bool)
+        inside[groups] = True
+        out.append([int(g) for g in np.nonzero((total >= c_w) & ~inside)[0]])
+    return out
+
+
+class TensorBuilder:
+    """Precomputed index tensors of the own/explicit tokens of fixed hyperedges."""
+
+    def __init__(self, numbers, hyperedges):
+        self.n = len(numbers)
+        self.numbers = torch.as_tensor(np.asarray(numbers, dtype=np.int64))
+        sizes = np.array([len(h) for h in hyperedges], dtype=np.int64)
+        flat = np.fromiter((a for h in hyperedges for a in h), dtype=np.int64, count=int(sizes.sum()))
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]) if len(sizes) else np.zeros(0, np.int64)
+        self.sizes, self.flat, self.starts = sizes, flat, starts
+        src, dst = [], []
+        for h, (s0, k) in enumerate(zip(starts, sizes)):
+            m = flat[s0:s0 + k]
+            ai, si = np.meshgrid(np.arange(k), np.arange(k), indexing="ij")
+            keep = ai != si
+            src.append(m[si[keep]])
+            dst.append(s0 + ai[keep])  # own tokens are numbered like the flat members
+        self.m_own = int(sizes.sum())
+        self.anchor = flat.copy()
+        self.edge = np.repeat(np.arange(len(sizes), dtype=np.int64), sizes)
+        self.src = np.concatenate(src) if src else np.zeros(0, np.int64)
+        self.dst = np.concatenate(dst) if dst else np.zeros(0, np.int64)
+        # torch versions of the static part
+        self.t_anchor = torch.from_numpy(self.anchor)
+        self.t_edge = torch.from_numpy(self.edge)
+        self.t_src = torch.from_numpy(self.src)
+        self.t_dst = torch.from_numpy(self.dst)
+        self.t_switched = torch.zeros(self.m_own, dtype=torch.bool)
+        self.t_batch = torch.zeros(self.n, dtype=torch.long)
+        # implicit mode: atom -> own kernel, and members ordered by kernel for min-reductions
+        self._arange = np.arange(self.n, dtype=np.int64)
+        self._last = None  # (cross tokens, index tensors) of the previous call
+        # members padded to the largest hyperedge (pad = repeat of the first member) + mask
+        kmax = int(sizes.max()) if len(sizes) else 0
+        self.pad = np.zeros((len(sizes), kmax), dtype=np.int64)
+        self.pad_mask = np.zeros((len(sizes), kmax), dtype=bool)
+        for h, (s0, k) in enumerate(zip(starts, sizes)):
+            self.pad[h, :k] = flat[s0:s0 + k]
+            self.pad[h, k:] = flat[s0]
+            self.pad_mask[h, :k] = True
+        self.owner = np.full(self.n, -1, dtype=np.int64)
+        if len(sizes):
+            self.owner[flat] = self.edge  # last writer wins; only meaningful without overlaps
+
+    def positions(self, positions, dtype):
+        return torch.as_tensor(np.asarray(positions, dtype=np.float64)).to(dtype)
+
+    def static(self, positions, dtype=torch.float64) -> Hypergraph:
+        """Hypergraph of the fixed hyperedges only (explicit mode)."""
+        return Hypergraph(
+            numbers=self.numbers.clone(), positions=self.positions(positions, dtype),
+            token_anchor=self.t_anchor.clone(), token_edge=self.t_edge.clone(),
+            token_switched=self.t_switched.clone(), v2e_src=self.t_src.clone(),
+            v2e_dst=self.t_dst.clone(), batch=self.t_batch.clone(), num_graphs=1,
+        )
+
+    def cross_tokens(self, d: np.ndarray, r_c: float) -> np.ndarray:
+        """Candidate implicit tokens (h, i), i not in kernel h, min_{j in h} d_ij < r_c.
+
+        ``d``: distance matrix (N, N). Returns an int array (C, 2) sorted by atom i, then h.
+        Kernels must not overlap (implicit mode).
+        """
+        if len(self.sizes) < 2:
+            return np.zeros((0, 2), dtype=np.int64)
+        # d is symmetric: min over the rows of each kernel's members -> (K, N)
+        dk = d[self.pad].min(axis=1)
+        dk[self.owner, self._arange] = np.inf
+        i, h = np.nonzero((dk < r_c).T)  # logical C order: by atom i, then kernel h
+        out = np.empty((len(h), 2), dtype=np.int64)
+        out[:, 0] = h
+        out[:, 1] = i
+        return out
+
+    def with_cross(self, positions, cross: np.ndarray, dtype=torch.float64) -> Hypergraph:
+        """Hypergraph of the fixed hyperedges plus switched tokens ``cross`` (C, 2) of (h, i).
+
+        The index tensors of the last token list are kept: between MD steps the list rarely
+        changes, and an unchanged list costs one array comparison.
+        """
+        if len(cross) == 0:
+            return self.static(positions, dtype)
+        last = self._last
+        if last is not None and last[0].shape == cross.shape and np.array_equal(last[0], cross):
+            anchor, edge, switched, src, dst = last[1]
+        else:
+            h, i = cross[:, 0], cross[:, 1]
+            c = len(h)
+            mask = self.pad_mask[h]
+            v_src = self.pad[h][mask]
+            v_dst = np.broadcast_to(np.arange(self.m_own, self.m_own + c, dtype=np.int64)[:, None],
+                                    mask.shape)[mask]
+            sw = np.ones(self.m_own + c, dtype=bool)
+            sw[: self.m_own] = False
+            cat = np.concatenate
+            anchor = torch.from_numpy(cat([self.anchor, i]))
+            edge = torch.from_numpy(cat([self.edge, h]))
+            switched = torch.from_numpy(sw)
+            src = torch.from_numpy(cat([self.src, v_src]))
+            dst = torch.from_numpy(cat([self.dst, v_dst]))
+            self._last = (cross.copy(), (anchor, edge, switched, src, dst))
+        return Hypergraph(
+            numbers=self.numbers.clone(), positions=self.positions(positions, dtype),
+            token_anchor=anchor.clone(), token_edge=edge.clone(), token_switched=switched.clone(),
+            v2e_src=src.clone(), v2e_dst=dst.clone(), batch=self.t_batch.clone(), num_graphs=1,
+        )

@@ -1,0 +1,507 @@
+"""The training loop behind `se3set-ase fit`.
+
+- Loss per molecule: w_E ((E - E_ref)/N)^2 + w_F mean (F - F_ref)^2 (eV, eV/Å); averaged over the
+  global batch. Under torchrun each rank takes every ``world``-th sample of the same global batch
+  and gradients are averaged by DistributedDataParallel, so N processes compute the very same
+  update as one process (exact up to floating-point summation order).
+- AdamW (no weight decay on biases, norms, embeddings), linear warm-up then cosine decay to
+  ``min_lr`` (per step) or reduce-on-plateau (per validation), gradient clipping, EMA of weights
+  (validation, ``best`` and the final model use the EMA weights).
+- Data order of epoch k is ``default_rng([seed, k]).permutation``; a checkpoint stores model,
+  optimizer, EMA, schedule state, position in the epoch and history, so a killed and resumed run
+  is identical to an unbroken one.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..data import read_frames, split_indices
+from ..fragment import FragmentSettings
+from ..hypergraph import hypergraph_stats
+from ..model import ModelConfig, SE3SetModel, count_parameters, energy_and_forces, save_model
+from ..model.checkpoint import atomic_torch_save
+from .cache import LabelledGraphs, cached_graphs
+from .metrics import evaluate, format_table, make_batch, per_sample_loss
+
+log = logging.getLogger("se3set_ase")
+CKPT_FORMAT = "se3set-ase-checkpoint"
+CKPT_VERSION = 1
+
+
+class TrainingError(ValueError):
+    """Bad training input or an unusable checkpoint."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (stored in its checkpoints)."""
+
+    data: str
+    out_dir: str = "runs/se3set"
+    output: str | None = None  # final model file; default <out_dir>/model.pt
+    valid_file: str | None = None
+    test_file: str | None = None
+    energy_key: str | None = None
+    forces_key: str | None = None
+    train_size: float | None = None  # int count or fraction; None: all not in valid/test
+    valid_size: float = 0.05
+    test_size: float | None = 0.0  # None: the rest
+    preset: str = "small"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    fragment: str = "auto"  # "md17" (explicit), "md22" (implicit) or "auto" (md17 up to 25 atoms)
+    element_energies: dict[int, float] | None = None  # given reference energies (eV); else least squares
+    dtype: str = "float32"
+    device: str = "auto"
+    epochs: int = 100
+    batch_size: int = 8
+    lr: float = 1e-3
+    min_lr: float = 1e-6
+    warmup_steps: int = 50
+    schedule: str = "cosine"  # or "plateau"
+    plateau_patience: int = 5
+    plateau_factor: float = 0.5
+    weight_decay: float = 1e-6
+    ema_decay: float = 0.99
+    clip_grad: float | None = 10.0
+    energy_weight: float = 1.0
+    forces_weight: float = 100.0
+    seed: int = 0
+    valid_every: int = 1  # epochs
+    save_every_steps: int = 200
+    save_every_minutes: float = 10.0
+    max_time: float | None = None  # seconds
+    max_steps: int | None = None
+    progress: bool = True
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        cfg = cls(**{k: v for k, v in d.items() if k in known})
+        if cfg.element_energies:
+            cfg.element_energies = {int(k): float(v) for k, v in cfg.element_energies.items()}
+        return cfg
+
+
+# ----------------------------------------------------------------------------- helpers
+def _dtype(name: str) -> torch.dtype:
+    try:
+        return {"float32": torch.float32, "float64": torch.float64}[name]
+    except KeyError:
+        raise TrainingError(f"dtype must be float32 or float64, got {name!r}") from None
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _maybe_init_distributed(device: torch.device) -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def fit_element_energies(data: LabelledGraphs, elements: list[int]) -> dict[int, float]:
+    """Least-squares per-element reference energies (eV): E ≈ sum_Z count_Z e_Z.
+
+    With one composition (a single molecule) this spreads the mean energy over the atoms
+    (minimum-norm solution), which is all the data can say.
+    """
+    col = {z: i for i, z in enumerate(elements)}
+    a = np.zeros((len(data), len(elements)))
+    for k, g in enumerate(data.graphs):
+        for z, c in zip(*np.unique(g.numbers.numpy(), return_counts=True)):
+            a[k, col[int(z)]] = c
+    sol, *_ = np.linalg.lstsq(a, data.energies, rcond=None)
+    return {z: float(sol[i]) for z, i in col.items()}
+
+
+def energy_scale(data: LabelledGraphs, e_ref: dict[int, float]) -> float:
+    """RMS of the force components (eV/Å·Å = eV per unit network output); falls back to the
+    per-atom energy residual spread when forces are all zero."""
+    f = np.concatenate(data.forces)
+    rms = float(np.sqrt(np.mean(f ** 2)))
+    if rms > 1e-8:
+        return rms
+    resid = [(e - sum(e_ref[int(z)] for z in g.numbers.tolist())) / g.num_atoms
+             for g, e in zip(data.graphs, data.energies)]
+    return float(np.std(resid)) or 1.0
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 or "embed" in name or "norm" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(cfg: TrainConfig, step: int, total: int, plateau_factor: float) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (0.01 + 0.99 * step / max(cfg.warmup_steps, 1))
+    if cfg.schedule == "plateau":
+        return max(cfg.lr * plateau_factor, cfg.min_lr)
+    frac = min(1.0, (step - cfg.warmup_steps) / max(total - cfg.warmup_steps, 1))
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * frac))
+
+
+class EMA:
+    """Exponential moving average of parameters (decay warmed up as min(d, (1+n)/(10+n)))."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.num_updates = 0
+        self.shadow = {k: p.detach().clone() for k, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.num_updates += 1
+        d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        for k, p in model.named_parameters():
+            self.shadow[k].mul_(d).add_(p.detach(), alpha=1 - d)
+
+    @torch.no_grad()
+    def swap(self, model: torch.nn.Module) -> None:
+        """Exchange model parameters and EMA parameters (call twice to restore)."""
+        for k, p in model.named_parameters():
+            tmp = p.detach().clone()
+            p.copy_(self.shadow[k])
+            self.shadow[k].copy_(tmp)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"num_updates": self.num_updates, "shadow": self.shadow}
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        self.num_updates = int(s["num_updates"])
+        for k, v in s["shadow"].items():
+            self.shadow[k].copy_(v)
+
+
+# ----------------------------------------------------------------------------- data
+def _read(path: str, cfg: TrainConfig):
+    frames = read_frames(path, energy_key=cfg.energy_key, forces_key=cfg.forces_key)
+    if not frames:
+        raise TrainingError(f"{path}: no frames")
+    return frames
+
+
+def _fragment_settings(cfg: TrainConfig, n_atoms: int) -> FragmentSettings:
+    name = cfg.fragment
+    if name == "auto":
+        name = "md17" if n_atoms <= 25 else "md22"
+    return FragmentSettings.preset(name)
+
+
+def _source_path(spec: str) -> str:
+    p = Path(spec)
+    if p.is_file():
+        return str(p)
+    from ..data import resolve_dataset
+
+    return str(resolve_dataset(spec))
+
+
+def prepare_data(cfg: TrainConfig, settings: FragmentSettings | None = None):
+    """Read, split and fragment (cached). Returns settings, {train, valid, test} and split indices."""
+    src = _source_path(cfg.data)
+    frames = _read(src, cfg)
+    settings = settings or _fragment_settings(cfg, max(len(f) for f in frames))
+    extra = {"energy_key": cfg.energy_key, "forces_key": cfg.forces_key}
+    data, cache_file, reused = cached_graphs(src, frames, settings, extra, cfg.progress and _world()[0] == 0)
+    valid_default = 0.0 if cfg.valid_file else cfg.valid_size
+    test_size = cfg.test_size if not cfg.test_file else 0.0
+    train = cfg.train_size
+    if train is None:
+        n = len(frames)
+        nv = int(valid_default) if valid_default >= 1 else int(round(valid_default * n))
+        nt = 0 if test_size is None else (int(test_size) if test_size >= 1 else int(round(test_size * n)))
+        train = n - nv - nt
+    split = split_indices(len(frames), train=_num(train), valid=_num(valid_default), test=_num(test_size), seed=cfg.seed)
+    sets = {k: data.subset(v) for k, v in split.items()}
+    for name, f in (("valid", cfg.valid_file), ("test", cfg.test_file)):
+        if f:
+            fr = _read(_source_path(f), cfg)
+            sets[name], _, _ = cached_graphs(_source_path(f), fr, settings, extra, False)
+    return settings, sets, split, {"cache_file": str(cache_file), "cache_reused": reused, "source": src}
+
+
+def _num(x):
+    if x is None:
+        return None
+    return int(x) if float(x) >= 1 or float(x) == 0 else float(x)
+
+
+# ----------------------------------------------------------------------------- checkpoint
+def _ckpt_path(cfg: TrainConfig) -> Path:
+    return Path(cfg.out_dir) / "last.ckpt"
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise TrainingError(f"no checkpoint to resume from at {path}")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise TrainingError(f"{path} is not a readable training checkpoint (truncated or corrupt?): {exc}") from exc
+    if not isinstance(ck, dict) or ck.get("format") != CKPT_FORMAT:
+        raise TrainingError(f"{path} is not an se3set-ase training checkpoint")
+    if ck.get("version") != CKPT_VERSION:
+        raise TrainingError(f"{path} has checkpoint version {ck.get('version')}; this se3set-ase reads {CKPT_VERSION}")
+    return ck
+
+
+# ----------------------------------------------------------------------------- main loop
+def fit(cfg: TrainConfig, resume: bool = False, argv: list[str] | None = None) -> dict[str, Any]:
+    """Train a model; returns the final metrics and paths."""
+    out = Path(cfg.out_dir)
+    ck = None
+    if resume:
+        ck = load_checkpoint(_ckpt_path(cfg))
+        saved = TrainConfig.from_dict(ck["train_config"])
+        # what may change on resume: how long to run and how to report
+        for k in ("epochs", "max_time", "max_steps", "progress", "save_every_steps", "save_every_minutes", "device"):
+            setattr(saved, k, getattr(cfg, k))
+        cfg = saved
+    device = _device(cfg.device)
+    _maybe_init_distributed(device)
+    rank, world = _world()
+    dtype = _dtype(cfg.dtype)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+
+    settings = FragmentSettings.from_dict(ck["model_config"]["fragment"]) if ck else None
+    settings, sets, split, data_info = prepare_data(cfg, settings)
+    train, valid, test = sets["train"], sets["valid"], sets.get("test")
+    if len(train) == 0:
+        raise TrainingError("the training set is empty (check --train-size/--valid-size)")
+    for name, s in sets.items():
+        if len(s) and (np.isnan(s.energies).any() or any(np.isnan(f).any() for f in s.forces)):
+            raise TrainingError(f"{name} set has frames without energy/forces labels (NaN)")
+    data_elements = sorted({int(z) for g in train.graphs + valid.graphs + (test.graphs if test else [])
+                            for z in g.numbers.tolist()})
+
+    if ck:
+        mcfg = ModelConfig.from_dict(ck["model_config"])
+        unknown = sorted(set(data_elements) - set(mcfg.elements))
+        if unknown:
+            raise TrainingError(f"the data contain elements {unknown} unknown to the resumed model "
+                                f"(elements {mcfg.elements})")
+    else:
+        stats = hypergraph_stats(train.graphs)
+        max_d = max(float((g.positions[g.v2e_src] - g.positions[g.token_anchor[g.v2e_dst]]).norm(dim=-1).max())
+                    if g.v2e_src.numel() else 1.0 for g in train.graphs)
+        overrides = {"max_radius": float(math.ceil(max_d)), **cfg.model_overrides}
+        mcfg = ModelConfig.preset(cfg.preset, elements=data_elements, fragment=settings, **overrides)
+    torch.manual_seed(cfg.seed)
+    model = SE3SetModel(mcfg, dtype)
+    if not ck:
+        e_ref = cfg.element_energies or fit_element_energies(train, data_elements)
+        missing = set(data_elements) - set(e_ref)
+        if missing:
+            raise TrainingError(f"--element-energies lacks elements {sorted(missing)}")
+        model.set_statistics(e_ref, energy_scale(train, e_ref), stats["avg_node_degree"], stats["avg_hyperedge_degree"])
+    model.to(device)
+    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    ema = EMA(model, cfg.ema_decay)
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": math.inf, "plateau_factor": 1.0,
+             "plateau_best": math.inf, "plateau_bad": 0, "elapsed": 0.0, "history": []}
+    if ck:
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        ema.load_state_dict(ck["ema"])
+        state.update(ck["state"])
+        state["history"] = list(ck["state"]["history"])
+    ddp = model
+    if world > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+
+    def save_ckpt() -> None:
+        if rank != 0:
+            return
+        atomic_torch_save({"format": CKPT_FORMAT, "version": CKPT_VERSION, "train_config": _jsonable(asdict(cfg)),
+                           "model_config": mcfg.to_dict(), "model": model.state_dict(),
+                           "optimizer": opt.state_dict(), "ema": ema.state_dict(), "state": dict(state),
+                           "split": {k: torch.as_tensor(v) for k, v in split.items()}}, _ckpt_path(cfg))
+
+    def validate() -> dict[str, float]:
+        ema.swap(model)
+        try:
+            return evaluate(model, valid, 16, device, dtype) if len(valid) else {}
+        finally:
+            ema.swap(model)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_steps, initial=state["step"], disable=not cfg.progress or rank != 0,
+               desc="fit", dynamic_ncols=True)
+    t_start = time.time() - state["elapsed"]
+    last_save = time.time()
+    stopped = None
+    run_loss = run_f = run_e = 0.0
+    n_run = 0
+    while state["step"] < total_steps and stopped is None:
+        perm = np.random.default_rng([cfg.seed, state["epoch"]]).permutation(len(train))
+        batches = [perm[i:i + cfg.batch_size] for i in range(0, len(train), cfg.batch_size)]
+        model.train()
+        for bi in range(state["batch_in_epoch"], len(batches)):
+            lr = lr_at(cfg, state["step"], total_steps, state["plateau_factor"])
+            for g in opt.param_groups:
+                g["lr"] = lr
+            global_idx = batches[bi]
+            b = make_batch(train, global_idx[rank::world], device, dtype)
+            e, f, _ = energy_and_forces(ddp, b.graph, training=True)
+            loss = per_sample_loss(e, f, b, cfg.energy_weight, cfg.forces_weight).sum() * world / len(global_idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.clip_grad:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            opt.step()
+            ema.update(model)
+            state["step"] += 1
+            state["batch_in_epoch"] = bi + 1
+            with torch.no_grad():
+                run_loss += float(loss) / world
+                run_e += float((e - b.energy).abs().mean()) * 1000
+                run_f += float((f - b.forces).abs().mean()) * 1000
+                n_run += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{run_loss / n_run:.3g}", E_meV=f"{run_e / n_run:.1f}", F_meV_A=f"{run_f / n_run:.1f}")
+            state["elapsed"] = time.time() - t_start
+            if cfg.max_time is not None and state["elapsed"] >= cfg.max_time:
+                stopped = "max_time"
+            elif state["step"] >= total_steps:
+                break
+            if stopped or (state["step"] % cfg.save_every_steps == 0
+                           or time.time() - last_save > 60 * cfg.save_every_minutes):
+                save_ckpt()
+                last_save = time.time()
+            if stopped:
+                break
+        if state["batch_in_epoch"] >= len(batches):  # epoch finished
+            state["epoch"] += 1
+            state["batch_in_epoch"] = 0
+            if state["epoch"] % cfg.valid_every == 0 or state["step"] >= total_steps:
+                metrics = validate()
+                row = {"epoch": state["epoch"], "step": state["step"], "lr": lr,
+                       "train_loss": run_loss / max(n_run, 1), "train_energy_mae_meV": run_e / max(n_run, 1),
+                       "train_forces_mae_meV_A": run_f / max(n_run, 1), "time_s": state["elapsed"]}
+                row.update({f"valid_{k}": v for k, v in metrics.items() if k != "n_frames"})
+                state["history"].append(row)
+                run_loss = run_e = run_f = 0.0
+                n_run = 0
+                # checkpoint metric: w_E E_MAE + w_F F_MAE (eV, eV/Å), as the reference's 1:100
+                score = (cfg.energy_weight * metrics["energy_mae_meV"]
+                         + cfg.forces_weight * metrics["forces_mae_meV_A"]) / 1000 if metrics else -state["step"]
+                if cfg.schedule == "plateau" and metrics:
+                    if score < state["plateau_best"]:
+                        state["plateau_best"], state["plateau_bad"] = score, 0
+                    else:
+                        state["plateau_bad"] += 1
+                        if state["plateau_bad"] > cfg.plateau_patience:
+                            state["plateau_factor"] *= cfg.plateau_factor
+                            state["plateau_bad"] = 0
+                if score < state["best"] and rank == 0:
+                    state["best"] = score
+                    ema.swap(model)
+                    save_model(model, out / "best.pt", {"step": state["step"], "valid": metrics})
+                    ema.swap(model)
+                if rank == 0:
+                    write_reports(out, state["history"])
+                    bar.write(f"epoch {state['epoch']:>4} step {state['step']:>6}  valid: E MAE "
+                              f"{metrics.get('energy_mae_meV', float('nan')):.2f} meV, F MAE "
+                              f"{metrics.get('forces_mae_meV_A', float('nan')):.2f} meV/Å")
+                save_ckpt()
+                last_save = time.time()
+    bar.close()
+    save_ckpt()
+    result: dict[str, Any] = {"steps": state["step"], "epochs": state["epoch"], "elapsed_s": state["elapsed"],
+                              "stopped": stopped or "done", "checkpoint": str(_ckpt_path(cfg)), **data_info}
+    if stopped:
+        if rank == 0:
+            print(f"stopped after --max-time at step {state['step']}; continue with --resume")
+        return result
+    # final: best EMA weights (or the last EMA weights when there was no validation)
+    if (out / "best.pt").is_file():
+        from ..model import load_model
+
+        final, _ = load_model(out / "best.pt", dtype=dtype, device=device)
+    else:
+        ema.swap(model)
+        final = model
+    final.eval()
+    metrics = {"valid": evaluate(final, valid, 16, device, dtype)}
+    if test is not None and len(test):
+        metrics["test"] = evaluate(final, test, 16, device, dtype)
+    result["metrics"] = metrics
+    if rank == 0:
+        write_reports(out, state["history"])
+        print(format_table(metrics))
+        output = Path(cfg.output) if cfg.output else out / "model.pt"
+        meta = {"training": {"data": data_info["source"], "command": " ".join(argv) if argv else None,
+                             "frames": {k: len(v) for k, v in sets.items()},
+                             "preset": cfg.preset, "parameters": count_parameters(final),
+                             "steps": state["step"], "wall_time_s": state["elapsed"],
+                             "device": str(device), "dtype": cfg.dtype, "seed": cfg.seed},
+                "metrics": metrics}
+        save_model(final, output, meta)
+        np.savez(out / "split.npz", **{k: np.asarray(v) for k, v in split.items()})
+        result["model"] = str(output)
+        print(f"model written to {output}")
+    return result
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    out = dict(d)
+    if out.get("element_energies"):
+        out["element_energies"] = {str(k): v for k, v in out["element_energies"].items()}
+    return out
+
+
+def write_reports(out: Path, history: list[dict[str, Any]]) -> None:
+    """CSV log (one row per validation) and a learning-curve PNG."""
+    if not history:
+        return
+    keys = list(dict.fromkeys(k for row in history for k in row))
+    with open(out / "log.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        w.writerows(history)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    ep = [r["epoch"] for r in history]
+    for ax, key, label in ((axes[0], "energy_mae_meV", "energy MAE (meV)"), (axes[1], "forces_mae_meV_A", "force MAE (meV/Å)")):
+        ax.plot(ep, [r.get(f"train_{key}", np.nan) for r in history], label="train (running)")
+        ax.plot(ep, [r.get(f"valid_{key}", np.nan) for r in history], label="valid (EMA)")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.set_yscale("log")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "learning_curve.png", dpi=100)
+    plt.close(fig)

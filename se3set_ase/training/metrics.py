@@ -1,0 +1,75 @@
+"""Errors of a model on labelled hypergraphs, and the per-sample loss.
+
+Units: energies eV, forces eV/Å in, metrics reported in meV, meV/atom and meV/Å. Force MAE/RMSE
+are over Cartesian components (the MD17/MD22 literature convention).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..hypergraph import collate
+from ..model import energy_and_forces
+from .cache import LabelledGraphs
+
+
+@dataclass
+class Batch:
+    graph: object  # Hypergraph on the device
+    energy: torch.Tensor  # (B,) eV
+    forces: torch.Tensor  # (N, 3) eV/Å
+    n_atoms: torch.Tensor  # (B,)
+
+
+def make_batch(data: LabelledGraphs, idx, device, dtype) -> Batch:
+    idx = [int(i) for i in idx]
+    hg = collate([data.graphs[i] for i in idx]).to(device, dtype)
+    energy = torch.as_tensor(data.energies[idx], dtype=dtype, device=device)
+    forces = torch.as_tensor(np.concatenate([data.forces[i] for i in idx]), dtype=dtype, device=device)
+    n_atoms = torch.tensor([data.graphs[i].num_atoms for i in idx], device=device)
+    return Batch(hg, energy, forces, n_atoms)
+
+
+def per_sample_loss(e_pred, f_pred, b: Batch, energy_weight: float, forces_weight: float) -> torch.Tensor:
+    """w_E ((E - E_ref)/N)^2 + w_F mean_{atoms, xyz} (F - F_ref)^2 per molecule, shape (B,)."""
+    e_term = ((e_pred - b.energy) / b.n_atoms) ** 2
+    sq = ((f_pred - b.forces) ** 2).sum(-1)
+    f_term = torch.zeros_like(e_term).index_add(0, b.graph.batch, sq) / (3 * b.n_atoms)
+    return energy_weight * e_term + forces_weight * f_term
+
+
+def evaluate(model, data: LabelledGraphs, batch_size: int, device, dtype) -> dict[str, float]:
+    """Energy and force errors of ``model`` on ``data``."""
+    if len(data) == 0:
+        return {}
+    de, de_atom, df = [], [], []
+    for start in range(0, len(data), batch_size):
+        b = make_batch(data, range(start, min(start + batch_size, len(data))), device, dtype)
+        e, f, _ = energy_and_forces(model, b.graph, training=False)
+        de.append((e.detach() - b.energy).double().cpu())
+        de_atom.append(((e.detach() - b.energy) / b.n_atoms).double().cpu())
+        df.append((f.detach() - b.forces).double().cpu().flatten())
+    de, de_atom, df = torch.cat(de), torch.cat(de_atom), torch.cat(df)
+    return {
+        "energy_mae_meV": 1000 * de.abs().mean().item(),
+        "energy_rmse_meV": 1000 * de.pow(2).mean().sqrt().item(),
+        "energy_mae_meV_per_atom": 1000 * de_atom.abs().mean().item(),
+        "forces_mae_meV_A": 1000 * df.abs().mean().item(),
+        "forces_rmse_meV_A": 1000 * df.pow(2).mean().sqrt().item(),
+        "n_frames": len(data),
+    }
+
+
+def format_table(rows: dict[str, dict[str, float]]) -> str:
+    """Metrics of several sets as a fixed-width table."""
+    cols = [("energy_mae_meV", "E MAE meV"), ("energy_mae_meV_per_atom", "meV/atom"),
+            ("energy_rmse_meV", "E RMSE meV"), ("forces_mae_meV_A", "F MAE meV/Å"),
+            ("forces_rmse_meV_A", "F RMSE meV/Å"), ("n_frames", "frames")]
+    lines = [f"{'set':<8}" + "".join(f"{h:>14}" for _, h in cols)]
+    for name, m in rows.items():
+        if m:
+            lines.append(f"{name:<8}" + "".join(
+                f"{m[k]:>14.0f}" if k == "n_frames" else f"{m[k]:>14.3f}" for k, _ in cols))
+    return "\n".join(lines)

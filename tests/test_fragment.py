@@ -1,0 +1,382 @@
+"""Fragmentation -> hypergraph: published counts, invariances, cache, continuity, errors."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import ase.io
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+
+from se3set_ase import hypergraph as hgmod
+from se3set_ase.fragment import (
+    FragmentationError,
+    Fragmenter,
+    FragmentSettings,
+    StructureError,
+    Topology,
+    fragment,
+    perceive_bonds,
+    validate_structure,
+)
+
+DATA = Path(__file__).parent / "data"
+MD17 = FragmentSettings.preset("md17")
+MD22 = FragmentSettings.preset("md22")
+
+
+def read(name: str) -> Atoms:
+    return ase.io.read(DATA / f"{name}.xyz")
+
+
+def formula(atoms: Atoms, idx) -> str:
+    c = Counter(atoms.get_chemical_symbols()[i] for i in idx)
+    return "".join(f"{s}{c[s]}" for s in sorted(c))
+
+
+def from_smiles(smiles: str, seed: int = 7) -> Atoms:
+    from rdkit import Chem
+    from rdkit.Chem import AllChem
+
+    mol = Chem.AddHs(Chem.MolFromSmiles(smiles))
+    assert AllChem.EmbedMolecule(mol, randomSeed=seed) == 0
+    AllChem.MMFFOptimizeMolecule(mol)
+    charge = Chem.GetFormalCharge(mol)
+    return Atoms(
+        numbers=[a.GetAtomicNum() for a in mol.GetAtoms()],
+        positions=mol.GetConformer().GetPositions(),
+        info={"charge": charge},
+    )
+
+
+def random_rotation(rng) -> np.ndarray:
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    q = q * np.sign(np.diag(r))
+    if np.linalg.det(q) < 0:
+        q[:, 0] *= -1
+    return q
+
+
+def assert_same_tensors(a: hgmod.Hypergraph, b: hgmod.Hypergraph):
+    for name in ("numbers", "token_anchor", "token_edge", "token_switched", "v2e_src", "v2e_dst", "batch"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert torch.allclose(a.positions, b.positions)
+    assert a.num_graphs == b.num_graphs
+
+
+def token_multiset(hg: hgmod.Hypergraph, perm_inv=None) -> Counter:
+    """Tokens as (anchor, member set, switched), in original atom labels via perm_inv."""
+    m = perm_inv if perm_inv is not None else np.arange(hg.num_atoms)
+    members: dict[int, set[int]] = {t: set() for t in range(hg.num_tokens)}
+    for s, t in zip(hg.v2e_src.tolist(), hg.v2e_dst.tolist()):
+        members[t].add(int(m[s]))
+    out = Counter()
+    for t in range(hg.num_tokens):
+        a = int(m[int(hg.token_anchor[t])])
+        out[(a, frozenset(members[t] | {a}), bool(hg.token_switched[t]))] += 1
+    return out
+
+
+# --------------------------------------------------------------------------- published counts
+
+
+def test_aspirin_md17():
+    atoms = read("aspirin")
+    frag = fragment(atoms.numbers, atoms.positions, settings=MD17)
+    assert sorted(formula(atoms, g) for g in frag.groups) == sorted(
+        ["C6H4", "C1H1O2", "C1O2", "C1H3"]  # ring+4H, COOH, ester C(=O)O, CH3
+    )
+    assert [len(g) for g in frag.groups] == [10, 4, 4, 3]
+    assert frag.kernels == frag.groups  # no merge with min 2
+    sizes = {formula(atoms, k): len(h) for k, h in zip(frag.kernels, frag.hyperedges)}
+    assert sizes == {"C6H4": 17, "C1H1O2": 14, "C1O2": 17, "C1H3": 7}
+    for k, h in zip(frag.kernels, frag.hyperedges):
+        assert set(k) <= set(h)
+    hg = frag.hypergraph(atoms.positions)
+    assert hg.num_tokens == 55
+    assert hg.v2e_src.numel() + hg.num_tokens == 823  # incidences including self
+    assert not bool(hg.token_switched.any())
+    stats = hgmod.hypergraph_stats([hg])
+    assert stats["avg_hyperedge_degree"] == pytest.approx(823 / 55)
+    assert stats["avg_node_degree"] == pytest.approx(55 / 21)
+
+
+def test_ac_ala3_nhme_md22():
+    atoms = read("ac_ala3_nhme")
+    frag = fragment(atoms.numbers, atoms.positions, settings=MD22)
+    assert len(frag.groups) == 12
+    assert Counter(formula(atoms, g) for g in frag.groups) == Counter(
+        {"C1H1N1O1": 4, "C1H3": 5, "C1H1": 3}
+    )
+    assert frag.hyperedges == frag.kernels == frag.groups
+    assert sorted(a for k in frag.kernels for a in k) == list(range(len(atoms)))  # a partition
+    hg = frag.hypergraph(atoms.positions)
+    n_cross = int(hg.token_switched.sum())
+    assert hg.num_tokens == len(atoms) + n_cross
+    assert 100 < n_cross < 250  # the reference sees ~150-165 at r_c = 4 Å
+
+
+def test_dha_md22_groups():
+    atoms = read("dha")
+    frag = fragment(atoms.numbers, atoms.positions, settings=MD22)
+    c = Counter(formula(atoms, g) for g in frag.groups)
+    assert c == Counter({"C2H2": 6, "C1H2": 8, "C1H3": 1, "C1H1O2": 1})
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+@pytest.mark.parametrize("name,settings", [("aspirin", MD17), ("ac_ala3_nhme", MD22), ("ac_ala3_nhme", MD17)])
+def test_tensors_match_from_tokens(name, settings):
+    atoms = read(name)
+    frag = fragment(atoms.numbers, atoms.positions, settings=settings)
+    cross = [tuple(x) for x in frag.cross_tokens(atoms.positions).tolist()]
+    ref = hgmod.from_tokens(atoms.numbers, atoms.positions, frag.hyperedges, cross)
+    assert_same_tensors(frag.hypergraph(atoms.positions), ref)
+    # cross tokens: exactly the (kernel, outside atom) pairs with min distance < r_c
+    if settings.mode == "implicit":
+        d = atoms.get_all_distances()
+        expect = {(h, i) for h, k in enumerate(frag.kernels) for i in range(len(atoms))
+                  if i not in k and d[i, list(k)].min() < settings.implicit_rc}
+        assert set(cross) == expect
+
+
+# --------------------------------------------------------------------------- invariances
+
+
+@pytest.mark.parametrize("name,settings", [("aspirin", MD17), ("ac_ala3_nhme", MD22)])
+def test_permutation_permutes_hypergraph(name, settings):
+    atoms = read(name)
+    rng = np.random.default_rng(0)
+    frag = fragment(atoms.numbers, atoms.positions, settings=settings)
+    hg = frag.hypergraph(atoms.positions)
+    for _ in range(3):
+        perm = rng.permutation(len(atoms))  # new atom k is old atom perm[k]
+        pf = fragment(atoms.numbers[perm], atoms.positions[perm], settings=settings)
+        remap = lambda edges: {frozenset(int(perm[a]) for a in e) for e in edges}  # noqa: E731
+        assert remap(pf.groups) == {frozenset(g) for g in frag.groups}
+        assert remap(pf.kernels) == {frozenset(k) for k in frag.kernels}
+        assert remap(pf.hyperedges) == {frozenset(h) for h in frag.hyperedges}
+        phg = pf.hypergraph(atoms.positions[perm])
+        assert token_multiset(phg, perm) == token_multiset(hg)
+
+
+@pytest.mark.parametrize("name,settings", [("aspirin", MD17), ("ac_ala3_nhme", MD22)])
+def test_rotation_translation_invariance(name, settings):
+    atoms = read(name)
+    rng = np.random.default_rng(1)
+    frag = fragment(atoms.numbers, atoms.positions, settings=settings)
+    hg = frag.hypergraph(atoms.positions)
+    for _ in range(3):
+        pos = atoms.positions @ random_rotation(rng).T + rng.normal(size=3) * 10
+        rf = fragment(atoms.numbers, pos, settings=settings)
+        assert (rf.groups, rf.kernels, rf.hyperedges) == (frag.groups, frag.kernels, frag.hyperedges)
+        rhg = rf.hypergraph(pos)
+        for f in ("token_anchor", "token_edge", "token_switched", "v2e_src", "v2e_dst"):
+            assert torch.equal(getattr(rhg, f), getattr(hg, f))
+
+
+# --------------------------------------------------------------------------- cache / continuity
+
+
+def test_fragmenter_cache_skips_rdkit(monkeypatch):
+    atoms = read("aspirin")
+    fr = Fragmenter(MD17)
+    hg0 = fr(atoms)
+    assert fr.misses == 1 and not fr.last_topology_changed
+    from rdkit.Chem import rdDetermineBonds
+
+    def boom(*a, **k):
+        raise AssertionError("RDKit called on a cache hit")
+
+    monkeypatch.setattr(rdDetermineBonds, "DetermineBondOrders", boom)
+    rng = np.random.default_rng(2)
+    for _ in range(5):
+        moved = atoms.copy()
+        moved.positions += rng.normal(scale=0.02, size=moved.positions.shape)
+        hg = fr(moved)
+        assert not fr.last_topology_changed
+        assert torch.equal(hg.v2e_src, hg0.v2e_src) and torch.equal(hg.token_anchor, hg0.token_anchor)
+        assert torch.allclose(hg.positions, torch.as_tensor(moved.positions))
+    assert fr.misses == 1 and fr.hits == 5
+    assert fr.fragmentation(atoms) is fr.fragmentation(atoms.numbers, atoms.positions, charge=0)
+
+
+def test_fragmenter_topology_change_flag():
+    atoms = read("aspirin")
+    fr = Fragmenter(MD17)
+    fr(atoms)
+    # pull the hydroxyl H of COOH away from its O: connectivity changes
+    frag = fr.fragmentation(atoms)
+    h_idx = next(i for i, z in enumerate(atoms.numbers) if z == 1
+                 for j, k, _ in frag.topology.bonds if i in (j, k) and atoms.numbers[j + k - i] == 8)
+    o_idx = next(j + k - h_idx for j, k, _ in frag.topology.bonds
+                 if h_idx in (j, k))
+    broken = atoms.copy()
+    v = broken.positions[h_idx] - broken.positions[o_idx]
+    broken.positions[h_idx] = broken.positions[o_idx] + 3.0 * v / np.linalg.norm(v)
+    hg = fr(broken)  # perceived as carboxylate + H+ (charged fragments are allowed)
+    assert fr.last_topology_changed and fr.misses == 2
+    assert (h_idx,) in fr.fragmentation(broken).groups
+    assert hg.num_tokens != 55
+    fr(atoms)
+    assert fr.last_topology_changed  # back to the original topology
+    fr(atoms)
+    assert not fr.last_topology_changed
+
+
+def test_implicit_tokens_enter_with_zero_weight():
+    """Moving an atom across r_c changes the token list, but the new token has weight ~0."""
+    atoms = read("ac_ala3_nhme")
+    fr = Fragmenter(MD22)
+    frag = fr.fragmentation(atoms)
+    rc, w = MD22.implicit_rc, MD22.switch_width
+    d = atoms.get_all_distances()
+    # a (kernel, atom) pair just beyond r_c: an H atom of kernel 0's neighbourhood
+    best = None
+    for h, k in enumerate(frag.kernels):
+        for i in range(len(atoms)):
+            if i in k:
+                continue
+            dm = d[i, list(k)].min()
+            if rc < dm < rc + 0.5 and (best is None or dm < best[2]):
+                best = (h, i, dm, list(k)[int(np.argmin(d[i, list(k)]))])
+    assert best is not None
+    h, i, dm, j = best
+    u = atoms.positions[i] - atoms.positions[j]
+    u /= np.linalg.norm(u)
+    weights = []
+    for target in (rc + 1e-6, rc - 1e-6):
+        moved = atoms.copy()
+        moved.positions[i] = atoms.positions[j] + u * target
+        hg = fr(moved)
+        el = (hg.positions[hg.v2e_src] - hg.positions[hg.token_anchor[hg.v2e_dst]]).norm(dim=-1)
+        tw = hgmod.token_weights(hg, el, rc, w)
+        sel = (hg.token_edge == h) & (hg.token_anchor == i) & hg.token_switched
+        weights.append(tw[sel])
+    assert weights[0].numel() == 0 and weights[1].numel() == 1
+    assert float(weights[1][0]) < 1e-10
+
+
+def test_batch_collates():
+    a, b = read("aspirin"), read("ac_ala3_nhme")
+    fr = Fragmenter(MD22)
+    batch = fr.batch([a, (b.numbers, b.positions), a])
+    assert batch.num_graphs == 3 and batch.num_atoms == 2 * len(a) + len(b)
+    single = [fr(a), fr(b), fr(a)]
+    assert batch.num_tokens == sum(g.num_tokens for g in single)
+
+
+# --------------------------------------------------------------------------- bonds, charge, settings
+
+
+def test_perceive_bonds_and_user_bonds():
+    atoms = read("aspirin")
+    topo = perceive_bonds(atoms.numbers, atoms.positions)
+    assert isinstance(topo, Topology) and hash(topo.key) is not None
+    assert len(topo.bonds) == 21 and sum(o == 2 for *_, o in topo.bonds) == 5  # 3 ring + 2 C=O
+    assert all(i < j for i, j, _ in topo.bonds)
+    ref = fragment(atoms.numbers, atoms.positions, settings=MD17)
+    by_triples = fragment(atoms.numbers, atoms.positions, bonds=topo.bonds, settings=MD17)
+    by_pairs = fragment(atoms.numbers, atoms.positions, bonds=[(i, j) for i, j, _ in topo.bonds], settings=MD17)
+    by_topo = fragment(atoms.numbers, atoms.positions, bonds=topo, settings=MD17)
+    for f in (by_triples, by_pairs, by_topo):
+        assert {frozenset(h) for h in f.hyperedges} == {frozenset(h) for h in ref.hyperedges}
+    with pytest.raises(FragmentationError, match="Kekulé"):
+        fragment(atoms.numbers, atoms.positions, bonds=[(0, 1, 1.5)])
+    with pytest.raises(FragmentationError, match="indices"):
+        fragment(atoms.numbers, atoms.positions, bonds=[(0, 99, 1)])
+
+
+def test_charge_handling():
+    acetate = from_smiles("CC(=O)[O-]")
+    assert acetate.info["charge"] == -1
+    frag = Fragmenter(MD17).fragmentation(acetate)  # charge from atoms.info
+    assert frag.topology.charge == -1 and sum(frag.topology.formal_charges) == -1
+    assert len(frag.groups) == 2  # carboxylate, CH3
+    with pytest.raises(FragmentationError, match=r"charge \+0") as exc:
+        fragment(acetate.numbers, acetate.positions, charge=0)
+    assert "connectivity_only" in str(exc.value) and "C" in str(exc.value)
+    # connectivity-only fallback, only when asked for
+    f = fragment(acetate.numbers, acetate.positions, settings=FragmentSettings(connectivity_only=True))
+    assert f.topology.connectivity_only and all(o == 1 for *_, o in f.topology.bonds)
+    # the argument overrides atoms.info
+    with pytest.raises(FragmentationError):
+        Fragmenter(MD17)(acetate, charge=0)
+    ammonium = from_smiles("C[NH3+]")
+    assert Fragmenter(MD17).fragmentation(ammonium).topology.charge == 1
+
+
+def test_radical_names_atom():
+    atoms = read("aspirin")
+    methyl_h = [i for i, z in enumerate(atoms.numbers) if z == 1][-1]
+    keep = [i for i in range(len(atoms)) if i != methyl_h]
+    with pytest.raises(FragmentationError, match=r"odd") as exc:
+        perceive_bonds(atoms.numbers[keep], atoms.positions[keep])
+    assert "charge=" in str(exc.value)
+
+
+def test_settings_roundtrip_and_presets():
+    for s in (MD17, MD22, FragmentSettings()):
+        d = json.loads(json.dumps(s.to_dict()))
+        assert FragmentSettings.from_dict(d) == s
+    assert MD17.mode == "explicit" and MD17.bo_method == "lendvay" and MD17.overlap_threshold == 0.1
+    assert (MD22.mode, MD22.bo_method, MD22.min_kernel_atoms, MD22.max_kernel_atoms) == ("implicit", "simpleexp", 0, 8)
+    assert MD22.implicit_rc == 4.0 and MD22.switch_width == 1.0
+    with pytest.raises(ValueError):
+        FragmentSettings(mode="other")
+    with pytest.raises(ValueError):
+        FragmentSettings.from_dict({"bogus": 1})
+    with pytest.raises(ValueError):
+        FragmentSettings.preset("qm7")
+
+
+def test_kernel_merging_respects_min_size():
+    atoms = read("ac_ala3_nhme")
+    s = FragmentSettings(mode="implicit", bo_method="lendvay", min_kernel_atoms=3, max_kernel_atoms=8)
+    frag = fragment(atoms.numbers, atoms.positions, settings=s)
+    assert all(len(k) >= 3 for k in frag.kernels)
+    assert sorted(a for k in frag.kernels for a in k) == list(range(len(atoms)))
+    assert len(frag.kernels) == 9  # the three C-alpha H pairs are absorbed
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_bad_inputs_raise():
+    atoms = read("aspirin")
+    z, r = atoms.numbers, atoms.positions
+    with pytest.raises(StructureError, match="empty"):
+        fragment([], np.zeros((0, 3)))
+    bad = r.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(StructureError, match="NaN"):
+        fragment(z, bad)
+    bad[3, 1] = np.inf
+    with pytest.raises(StructureError, match="NaN or inf"):
+        Fragmenter()(z, bad)
+    with pytest.raises(StructureError, match="shape"):
+        fragment(z, r[:-1])
+    na = z.copy()
+    na[0] = 11
+    with pytest.raises(StructureError, match=r"Na \(Z=11\).*Supported elements: H, Li, B, C"):
+        fragment(na, r)
+    close = r.copy()
+    close[5] = close[2] + [0.3, 0.0, 0.0]
+    sym = atoms.get_chemical_symbols()
+    with pytest.raises(StructureError, match=rf"{sym[2]}2 and {sym[5]}5 are 0.300 Å apart"):
+        fragment(z, close)
+    periodic = atoms.copy()
+    periodic.cell = [20, 20, 20]
+    periodic.pbc = True
+    with pytest.raises(StructureError, match="only isolated molecules"):
+        Fragmenter()(periodic)
+    with pytest.raises(StructureError, match="only isolated molecules"):
+        validate_structure(z, r, pbc=[True, False, False])
+    periodic.pbc = False  # a cell without pbc is fine
+    assert Fragmenter(MD17)(periodic).num_tokens == 55
+    zz, rr = validate_structure(z, r)
+    assert zz.dtype == np.int64 and rr.shape == (21, 3)

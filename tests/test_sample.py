@@ -1,0 +1,140 @@
+"""`se3set-ase sample`: GFN2-xTB frames, exact resume, clear errors."""
+import argparse
+import os
+
+# tblite's OpenMP threads busy-wait; on a loaded 2-core runner that made these tiny runs 100x
+# slower. Must be set before tblite's library is loaded (first import below, in the tests).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np
+import pytest
+
+from se3set_ase.data import DataError, read_frames
+from se3set_ase.data.sample import SamplingError, add_arguments, bond_set, main, sample
+from se3set_ase.data.systems import BUILTIN_SMILES, build_system
+
+FAST = dict(every=5, equil_steps=10, progress=False)
+
+
+def test_bond_set():
+    from ase.build import molecule
+
+    w = molecule("H2O")
+    assert bond_set(w.numbers, w.positions) == {(0, 1), (0, 2)}
+
+
+def test_bad_smiles_and_unsupported_element(tmp_path):
+    pytest.importorskip("tblite.ase")
+    with pytest.raises(DataError, match="not a valid SMILES"):
+        sample("C1CC(", tmp_path / "x.extxyz", 1, **FAST)
+    with pytest.raises(DataError, match=r"U \(Z=92\) not covered by GFN2-xTB"):
+        sample("[U]", tmp_path / "x.extxyz", 1, **FAST)
+    with pytest.raises(DataError, match="built-in geometry for buckyball-catcher .* not available yet"):
+        sample("buckyball-catcher", tmp_path / "x.extxyz", 1, **FAST)
+    assert not (tmp_path / "x.extxyz").exists()
+
+
+def test_builtin_smiles_parse():
+    from rdkit import Chem
+
+    for name, smi in BUILTIN_SMILES.items():
+        assert Chem.MolFromSmiles(smi) is not None, name
+    atoms, name = build_system("Benzene")
+    assert name == "benzene" and len(atoms) == 12
+
+
+def test_frames_match_fresh_tblite(tmp_path):
+    pytest.importorskip("tblite.ase")
+    from tblite.ase import TBLite
+
+    out = tmp_path / "co.extxyz"
+    sample("CO", out, 3, **FAST)
+    frames = read_frames(out)
+    assert len(frames) == 3
+    assert frames[0].info["method"] == "GFN2-xTB" and frames[0].info["system"] == "CO"
+    assert frames[-1].info["time_fs"] == pytest.approx((10 + 3 * 5) * 0.5)
+    for key in ("tblite_version", "ase_version", "rdkit_version", "se3set_ase_version", "seed",
+                "temperature_K"):
+        assert key in frames[0].info
+    for fr in frames:
+        a = fr.to_atoms()
+        a.calc = TBLite(method="GFN2-xTB", verbosity=0)
+        np.testing.assert_allclose(a.get_forces(), fr.forces, atol=1e-6)
+        assert a.get_potential_energy() == pytest.approx(fr.energy, abs=1e-6)
+
+
+def test_resume_equals_unbroken_run(tmp_path):
+    pytest.importorskip("tblite.ase")
+    full, part = tmp_path / "full.extxyz", tmp_path / "part.extxyz"
+    sample("CO", full, 5, **FAST)
+    sample("CO", part, 3, **FAST)  # "killed" after 3 frames
+    assert len(read_frames(part)) == 3
+    sample("CO", part, 5, **FAST)  # same command with the final count: continues
+    a, b = read_frames(full), read_frames(part)
+    assert len(b) == 5
+    for x, y in zip(a, b):
+        assert x.info["time_fs"] == y.info["time_fs"]
+        # the restarted SCF guess differs at ~1e-9, amplified a little by the dynamics
+        np.testing.assert_allclose(x.positions, y.positions, atol=1e-5)
+        np.testing.assert_allclose(x.forces, y.forces, atol=1e-3)
+    # a frame appended after the last state save (kill between the two writes) is dropped
+    with open(part, "a") as fh:
+        fh.write("3\ngarbage\n")
+    sample("CO", part, 5, **FAST)
+    assert len(read_frames(part)) == 5
+    # other settings on an existing output: refused
+    with pytest.raises(DataError, match="other settings"):
+        sample("CO", part, 6, every=4, equil_steps=10, progress=False)
+    # output without state: refused
+    lone = tmp_path / "lone.extxyz"
+    lone.write_text(full.read_text())
+    with pytest.raises(DataError, match="no sampling state"):
+        sample("CO", lone, 6, **FAST)
+
+
+def test_topology_change_stops(tmp_path):
+    pytest.importorskip("tblite.ase")
+    # 3000 K with a large step breaks methanol quickly; max_force huge so the bond check triggers
+    with pytest.raises(SamplingError, match=r"frame \d+ .*bond topology changed|forces exploded"):
+        sample("CO", tmp_path / "hot.extxyz", 200, temperature=20000.0, dt_fs=1.0, every=2,
+               equil_steps=0, progress=False)
+
+
+def test_cli(tmp_path, capsys):
+    pytest.importorskip("tblite.ase")
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["O", "-o", str(tmp_path / "w.extxyz"), "-n", "2", "--every", "3",
+                         "--equil-steps", "3", "--no-progress"])
+    assert main(args) == 0
+    assert len(read_frames(tmp_path / "w.extxyz")) == 2
+    bad = p.parse_args(["[U]", "-o", str(tmp_path / "u.extxyz"), "-n", "1", "--no-progress"])
+    assert main(bad) == 2
+    assert "not covered by GFN2-xTB" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,n,formula", [("AT-AT", 60, "C20H22N14O4"),
+                                            ("AT-AT-CG-CG", 118, "C38H42N30O8")])
+def test_md22_base_stacks(name, n, formula):
+    pytest.importorskip("scipy")
+    atoms, got = build_system(name.lower())
+    assert got == name and len(atoms) == n and atoms.get_chemical_formula() == formula
+    d = np.linalg.norm(atoms.positions[:, None] - atoms.positions[None], axis=-1) + 9 * np.eye(n)
+    assert d.min() > 0.9
+    # every covalent bond lies inside one base: the H-bonded/stacked partners are not bonded
+    from se3set_ase.data.systems import BASE_SMILES, _embed_base
+    sizes = {k: len(_embed_base(k, 1234)[0]) for k in BASE_SMILES}
+    order = {"AT-AT": "ATAT", "AT-AT-CG-CG": "ATATGCGC"}[name]
+    base_of = np.concatenate([np.full(sizes[b], k) for k, b in enumerate(order)])
+    assert all(base_of[i] == base_of[j] for i, j in bond_set(atoms.numbers, atoms.positions))
+
+
+def test_md_labels_same_trajectory(tmp_path):
+    pytest.importorskip("tblite.ase")
+    a, b = tmp_path / "a.extxyz", tmp_path / "b.extxyz"
+    sample("O", a, 2, **FAST)
+    sample("O", b, 2, fresh_labels=False, **FAST)
+    fa, fb = read_frames(a), read_frames(b)
+    for x, y in zip(fa, fb):
+        np.testing.assert_array_equal(x.positions, y.positions)  # labels do not touch the MD
+        np.testing.assert_allclose(x.forces, y.forces, atol=1e-2)
