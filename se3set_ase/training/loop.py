@@ -276,9 +276,15 @@ def fit(cfg: TrainConfig, resume: bool = False, argv: list[str] | None = None) -
     if resume:
         ck = load_checkpoint(_ckpt_path(cfg))
         saved = TrainConfig.from_dict(ck["train_config"])
-        # what may change on resume: how long to run and how to report
+        # what may change on resume: how long to run, how to report, and the data (continuing on
+        # other data is fine-tuning, not an exact resume: say so)
         for k in ("epochs", "max_time", "max_steps", "progress", "save_every_steps", "save_every_minutes", "device"):
             setattr(saved, k, getattr(cfg, k))
+        for k in ("data", "valid_file", "test_file"):
+            if getattr(cfg, k) != getattr(saved, k):
+                log.warning("resuming with %s=%s (the checkpoint used %s): not an exact continuation",
+                            k, getattr(cfg, k), getattr(saved, k))
+                setattr(saved, k, getattr(cfg, k))
         cfg = saved
     device = _device(cfg.device)
     _maybe_init_distributed(device)
@@ -322,9 +328,7 @@ def fit(cfg: TrainConfig, resume: bool = False, argv: list[str] | None = None) -
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
     ema = EMA(model, cfg.ema_decay)
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps is not None:
-        total_steps = min(total_steps, cfg.max_steps)
+    total_steps = cfg.epochs * steps_per_epoch  # the schedule's length; --max-steps only stops early
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": math.inf, "plateau_factor": 1.0,
              "plateau_best": math.inf, "plateau_bad": 0, "elapsed": 0.0, "history": []}
     if ck:
@@ -391,6 +395,8 @@ def fit(cfg: TrainConfig, resume: bool = False, argv: list[str] | None = None) -
             state["elapsed"] = time.time() - t_start
             if cfg.max_time is not None and state["elapsed"] >= cfg.max_time:
                 stopped = "max_time"
+            elif cfg.max_steps is not None and state["step"] >= cfg.max_steps:
+                stopped = "max_steps"
             elif state["step"] >= total_steps:
                 break
             if stopped or (state["step"] % cfg.save_every_steps == 0
@@ -440,7 +446,7 @@ def fit(cfg: TrainConfig, resume: bool = False, argv: list[str] | None = None) -
                               "stopped": stopped or "done", "checkpoint": str(_ckpt_path(cfg)), **data_info}
     if stopped:
         if rank == 0:
-            print(f"stopped after --max-time at step {state['step']}; continue with --resume")
+            print(f"stopped by --{stopped.replace('_', '-')} at step {state['step']}; continue with --resume")
         return result
     # final: best EMA weights (or the last EMA weights when there was no validation)
     if (out / "best.pt").is_file():

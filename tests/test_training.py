@@ -1,0 +1,188 @@
+"""`se3set-ase fit`: learning, exact resume, DDP equivalence, HDF5 cache, errors."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ase.build import molecule
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.io import write
+
+from se3set_ase.data import DataError
+from se3set_ase.model import load_model
+from se3set_ase.training import TrainConfig, TrainingError, fit
+from se3set_ase.training.loop import prepare_data
+
+# a 1-block, 16-channel model: small enough for CI, large enough to learn a smooth potential
+SMALL_NET = {"irreps_node": "16x0e+4x1o+2x2e", "irreps_ffn": "32x0e+8x1o+4x2e", "num_blocks": 1,
+             "attn_scalars": 8}
+
+
+def harmonic_frames(n: int, seed: int = 0, sigma: float = 0.06, k: float = 20.0, name: str = "CH3CH2OH"):
+    """Distorted copies of a molecule labelled by springs (k eV/Å²) on bonded and 1-3 pairs.
+
+    Smooth, exactly known energies (eV) and forces (eV/Å): a potential a model must be able to learn.
+    """
+    mol = molecule(name)
+    r0 = mol.positions
+    d0 = np.linalg.norm(r0[:, None] - r0[None], axis=-1)
+    i, j = np.nonzero(np.triu(d0 < 2.6, 1))
+    rng = np.random.default_rng(seed)
+    frames = []
+    for _ in range(n):
+        r = r0 + rng.normal(scale=sigma, size=r0.shape)
+        v = r[i] - r[j]
+        d = np.linalg.norm(v, axis=1)
+        g = (k * (d - d0[i, j]) / d)[:, None] * v
+        f = np.zeros_like(r)
+        np.add.at(f, i, -g)
+        np.add.at(f, j, g)
+        a = mol.copy()
+        a.positions = r
+        a.calc = SinglePointCalculator(a, energy=0.5 * k * np.sum((d - d0[i, j]) ** 2) - 100.0, forces=f)
+        frames.append(a)
+    return frames
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "ethanol_springs.extxyz"
+    write(path, harmonic_frames(40))
+    return path
+
+
+def config(data, out, **kw) -> TrainConfig:
+    base = dict(data=str(data), out_dir=str(out), preset="tiny", model_overrides=dict(SMALL_NET),
+                valid_size=8, batch_size=4, epochs=2, lr=5e-3, warmup_steps=5, dtype="float64",
+                progress=False, seed=3, save_every_steps=1000)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def weights(path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["model"]
+
+
+def test_fit_learns_a_smooth_potential(data_file, tmp_path):
+    """Force MAE falls at least 10x from the untrained model (which predicts zero forces)."""
+    cfg = config(data_file, tmp_path / "run", epochs=60, lr=1e-2, warmup_steps=20, ema_decay=0.9,
+                 dtype="float32")
+    result = fit(cfg)
+    valid = result["metrics"]["valid"]
+    untrained = 1000 * np.mean(np.abs(np.concatenate(
+        [a.get_forces() for a in harmonic_frames(40)])))  # zero-force prediction error, meV/Å
+    assert valid["forces_mae_meV_A"] < untrained / 10, (valid, untrained)
+    # outputs a user expects
+    out = tmp_path / "run"
+    assert (out / "log.csv").read_text().count("\n") == 61
+    assert (out / "learning_curve.png").stat().st_size > 1000
+    model, meta = load_model(result["model"])
+    assert meta["metrics"]["valid"]["forces_mae_meV_A"] == pytest.approx(valid["forces_mae_meV_A"])
+
+
+def test_resume_is_exact(data_file, tmp_path):
+    """Stopped after 5 steps and resumed == one unbroken run (weights, optimizer, EMA)."""
+    fit(config(data_file, tmp_path / "a"))
+    fit(config(data_file, tmp_path / "b", max_steps=5))
+    assert torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)["state"]["step"] == 5
+    fit(config(data_file, tmp_path / "b"), resume=True)
+    a, b = (torch.load(tmp_path / x / "last.ckpt", weights_only=True) for x in "ab")
+    assert a["state"]["step"] == b["state"]["step"] == 16
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k in a["ema"]["shadow"]:
+        assert torch.equal(a["ema"]["shadow"][k], b["ema"]["shadow"][k]), k
+
+
+def test_resume_after_kill(data_file, tmp_path):
+    """A process killed mid-run resumes from its last checkpoint to the same result."""
+    fit(config(data_file, tmp_path / "a"))
+    out = tmp_path / "b"
+    cfg = config(data_file, out, save_every_steps=2)
+    script = (f"from se3set_ase.training import TrainConfig, fit\n"
+              f"import os, signal\nimport se3set_ase.training.loop as L\n"
+              f"orig = L.atomic_torch_save\n"
+              f"def save(obj, path):\n    orig(obj, path)\n"
+              f"    if obj['state']['step'] >= 6: os.kill(os.getpid(), signal.SIGKILL)\n"
+              f"L.atomic_torch_save = save\nfit(TrainConfig(**{cfg.__dict__!r}))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    assert torch.load(out / "last.ckpt", weights_only=True)["state"]["step"] == 6
+    fit(cfg, resume=True)
+    a, b = weights(tmp_path / "a" / "last.ckpt"), weights(out / "last.ckpt")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_torchrun_gloo_equals_single_process(data_file, tmp_path):
+    """2 processes (DDP, gloo) compute the same training as 1 process."""
+    common = ["--preset", "tiny", "--model", '{"num_blocks": 1}', "--valid-size", "8", "--batch-size", "4",
+              "--epochs", "1", "--lr", "5e-3", "--warmup-steps", "2", "--dtype", "float64", "--seed", "3",
+              "--no-progress", "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    single = subprocess.run([sys.executable, "-m", "se3set_ase.cli", "fit", str(data_file), "--out-dir",
+                             str(tmp_path / "one"), *common], capture_output=True, env=env)
+    assert single.returncode == 0, single.stderr.decode()[-3000:]
+    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                            "-m", "se3set_ase.cli", "fit", str(data_file), "--out-dir", str(tmp_path / "two"),
+                            *common], capture_output=True, env=env)
+    assert multi.returncode == 0, multi.stderr.decode()[-3000:]
+    a, b = weights(tmp_path / "one" / "last.ckpt"), weights(tmp_path / "two" / "last.ckpt")
+    moved = 0
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-9, atol=1e-10)
+        moved += int(not torch.equal(a[k], torch.zeros_like(a[k])))
+    assert moved > 10
+
+
+def test_hdf5_cache_reused_and_rebuilt(tmp_path):
+    path = tmp_path / "d.extxyz"
+    write(path, harmonic_frames(12))
+    cfg = config(path, tmp_path / "run", valid_size=2)
+    *_, info = prepare_data(cfg)
+    assert not info["cache_reused"] and Path(info["cache_file"]).is_file()
+    *_, info2 = prepare_data(cfg)
+    assert info2["cache_reused"] and info2["cache_file"] == info["cache_file"]
+    write(path, harmonic_frames(12, seed=1))  # new content -> new cache
+    *_, info3 = prepare_data(cfg)
+    assert not info3["cache_reused"] and info3["cache_file"] != info["cache_file"]
+    # same graphs whether from the cache or freshly built
+    s1, sets1, *_ = prepare_data(cfg)
+    np.testing.assert_array_equal(sets1["train"].energies, prepare_data(cfg)[1]["train"].energies)
+
+
+def test_resume_with_unknown_element_fails(data_file, tmp_path):
+    fit(config(data_file, tmp_path / "run", max_steps=2))
+    other = tmp_path / "with_n.extxyz"
+    write(other, harmonic_frames(12, name="NH3"))
+    with pytest.raises(TrainingError, match="elements \\[7\\] unknown to the resumed model"):
+        fit(config(data_file, tmp_path / "run", valid_file=str(other)), resume=True)
+
+
+def test_bad_inputs(tmp_path):
+    empty = tmp_path / "empty.extxyz"
+    empty.write_text("")
+    with pytest.raises((DataError, TrainingError), match="empty|no frames"):
+        fit(config(empty, tmp_path / "r1"))
+    frames = harmonic_frames(10)
+    frames[3].calc = SinglePointCalculator(frames[3], energy=float("nan"), forces=frames[3].get_forces())
+    nan = tmp_path / "nan.extxyz"
+    write(nan, frames)
+    with pytest.raises((DataError, TrainingError), match="(?i)nan"):
+        fit(config(nan, tmp_path / "r2", valid_size=2))
+    unlabelled = tmp_path / "nolabels.extxyz"
+    write(unlabelled, [molecule("CH3CH2OH")] * 3)
+    with pytest.raises(DataError, match="energy"):
+        fit(config(unlabelled, tmp_path / "r3", valid_size=1))
+    with pytest.raises(TrainingError, match="no checkpoint"):
+        fit(config(unlabelled, tmp_path / "nowhere"), resume=True)
+    corrupt = tmp_path / "r4"
+    corrupt.mkdir()
+    (corrupt / "last.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(TrainingError, match="truncated or corrupt"):
+        fit(config(unlabelled, corrupt), resume=True)
