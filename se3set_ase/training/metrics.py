@@ -18,7 +18,7 @@ from .cache import LabelledGraphs
 @dataclass
 class Batch:
     graph: object  # Hypergraph on the device
-    energy: torch.Tensor  # (B,) eV
+    energy: torch.Tensor  # (B,) eV, float64
     forces: torch.Tensor  # (N, 3) eV/Å
     n_atoms: torch.Tensor  # (B,)
 
@@ -26,7 +26,7 @@ class Batch:
 def make_batch(data: LabelledGraphs, idx, device, dtype) -> Batch:
     idx = [int(i) for i in idx]
     hg = collate([data.graphs[i] for i in idx]).to(device, dtype)
-    energy = torch.as_tensor(data.energies[idx], dtype=dtype, device=device)
+    energy = torch.as_tensor(data.energies[idx], dtype=torch.float64, device=device)  # float64 always
     forces = torch.as_tensor(np.concatenate([data.forces[i] for i in idx]), dtype=dtype, device=device)
     n_atoms = torch.tensor([data.graphs[i].num_atoms for i in idx], device=device)
     return Batch(hg, energy, forces, n_atoms)
@@ -36,7 +36,7 @@ def per_sample_loss(e_pred, f_pred, b: Batch, energy_weight: float, forces_weigh
     """w_E ((E - E_ref)/N)^2 + w_F mean_{atoms, xyz} (F - F_ref)^2 per molecule, shape (B,)."""
     e_term = ((e_pred - b.energy) / b.n_atoms) ** 2
     sq = ((f_pred - b.forces) ** 2).sum(-1)
-    f_term = torch.zeros_like(e_term).index_add(0, b.graph.batch, sq) / (3 * b.n_atoms)
+    f_term = sq.new_zeros(e_term.shape).index_add(0, b.graph.batch, sq) / (3 * b.n_atoms)
     return energy_weight * e_term + forces_weight * f_term
 
 
