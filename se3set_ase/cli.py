@@ -33,7 +33,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         build_parser().print_help()
         return 0
-    return int(importlib.import_module(args._module).main(args) or 0)
+    try:
+        return int(importlib.import_module(args._module).main(args) or 0)
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        # our errors (DataError, TrainingError, ModelFileError, StructureError, ...) say what is
+        # wrong and what to do: print that, not a traceback
+        print(f"se3set-ase {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"se3set-ase {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -3,14 +3,19 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import platform
 
 
-def _version(module: str) -> str:
+def _version(module: str, dist: str | None = None) -> str:
     try:
-        return getattr(importlib.import_module(module), "__version__", "installed")
+        mod = importlib.import_module(module)
     except Exception:  # noqa: BLE001 - any import failure means "not usable"
         return "not installed"
+    try:
+        return importlib.metadata.version(dist or module)
+    except importlib.metadata.PackageNotFoundError:
+        return getattr(mod, "__version__", "installed")
 
 
 def collect() -> dict[str, str]:
@@ -28,7 +33,7 @@ def collect() -> dict[str, str]:
         "rdkit": _version("rdkit"),
         "numpy": _version("numpy"),
         "h5py": _version("h5py"),
-        "torch-cluster": _version("torch_cluster"),
+        "torch-cluster": _version("torch_cluster", "torch-cluster") + " (optional; not needed by any feature)",
         "tblite": _version("tblite"),
         "cuda available": str(cuda),
         "cuda devices": ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) if cuda else "-",

@@ -214,7 +214,10 @@ def _source_path(spec: str) -> str:
     p = Path(spec)
     if p.is_file():
         return str(p)
-    from ..data import resolve_dataset
+    from ..data import DataError, resolve_dataset
+
+    if ":" not in spec:
+        raise DataError(f"data file {spec} does not exist (named datasets look like md17:aspirin)")
 
     return str(resolve_dataset(spec))
 
