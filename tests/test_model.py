@@ -180,10 +180,11 @@ def test_energy_continuous_where_cross_tokens_appear(m22, monkeypatch):
     assert de[changes].max() <= 3.0 * np.median(de)
 
     # the same check fails without the smooth token weights: the test can detect a jump
-    from se3set_ase.model import network
+    from se3set_ase.model import fused, network
 
-    monkeypatch.setattr(network, "token_weights",
-                        lambda hg, length, r_c, width: torch.ones(hg.num_tokens, dtype=length.dtype))
+    for module in (network, fused):  # both the plain and the fused forward use token_weights
+        monkeypatch.setattr(module, "token_weights",
+                            lambda hg, length, r_c, width: torch.ones(hg.num_tokens, dtype=length.dtype))
     hard, _ = _path_energies(m22, atoms, mobile, direction, steps)
     _, ratio_hard = _step_ratios(hard)
     assert ratio_hard[changes].min() > 3.0  # every hard appearance is a jump (ratios ~200-900)

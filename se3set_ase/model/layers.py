@@ -155,9 +155,9 @@ class IrrepsLinear(nn.Module):
     """Equivariant linear map: channels of the same irrep type are mixed, bias on scalar outputs.
 
     Equivalent to e3nn's ``o3.Linear`` (weights N(0, 1) scaled by 1/sqrt(fan_in) per output type)
-    but built from ``torch.split``/``cat`` and one matmul per irrep type. Slicing the input
-    block by block (``narrow``) makes autograd allocate and zero a full-size gradient per block,
-    which dominated the training step on per-edge tensors; split/cat avoid that.
+    but with one matmul per irrep type (fewer, larger operations). This is the plain path;
+    the fused path (``fused.py``) reads the same parameters with features kept per irrep type,
+    which also avoids the full-size gradient buffers that slicing costs in double backward.
     """
 
     def __init__(self, irreps_in: o3.Irreps, irreps_out: o3.Irreps, bias: bool = True):

@@ -342,7 +342,9 @@ def fit(cfg: TrainConfig, resume: bool = False, argv: list[str] | None = None) -
         state["history"] = list(ck["state"]["history"])
     ddp = model
     if world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        # the last block's l > 0 value paths cannot reach the scalar energy; the fused forward
+        # skips them, so those parameters get no gradient
+        ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
 
     def save_ckpt() -> None:
         if rank != 0:

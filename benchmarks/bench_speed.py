@@ -1,0 +1,252 @@
+"""Speed of the plain (e3nn, flat layout) vs fused (per-l layout) SE3Set forward, side by side.
+
+Run: ``.venv/bin/python benchmarks/bench_speed.py [--device cpu|cuda] [--quick] [--threads N]``.
+
+(a) calculator-style energy + forces, ms per call (cached fragmentation + tensors + model +
+    results to NumPy), float32, parameters frozen, per molecule and preset;
+(b) training step (batch of 8 DHA copies, forces with create_graph, L2 energy + 100 x force loss,
+    backward, AdamW step): ms per step and samples/s;
+(c) fragmentation per MD step with the topology cached (jittered geometries);
+(d) ratios against the anchors in /work/shared/anchors (published SE3Set code, MACE) -- those were
+    measured in ANOTHER run on the same kind of machine, so the ratios are indicative only; the
+    plain-vs-fused columns are from this run and this process.
+
+Molecules: aspirin (tests/data, MD17 explicit fragments), Ac-Ala3-NHMe and DHA (tests/data, MD22
+implicit fragments), stachyose (first frame of /work/shared/data/gfn2/stachyose.extxyz if present,
+else built from its SMILES with RDKit, else skipped). Weights are random (speed does not depend on
+training); the zero-initialised output layer is randomised so that forces are not trivially zero.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from se3set_ase.fragment import Fragmenter, FragmentSettings  # noqa: E402
+from se3set_ase.hypergraph import collate  # noqa: E402
+from se3set_ase.model import ModelConfig, SE3SetModel  # noqa: E402
+from se3set_ase.model.fused import fused_energy_and_forces  # noqa: E402
+from se3set_ase.model.network import energy_and_forces as _energy_and_forces  # noqa: E402
+
+DATA = ROOT / "tests" / "data"
+STACHYOSE_XYZ = Path("/work/shared/data/gfn2/stachyose.extxyz")
+STACHYOSE_SMILES = None  # read from make_gfn2.py on demand
+
+# anchors (/work/shared/anchors/speed_h100_2026-11-23.md): published SE3Set code, paper preset
+ANCHOR_CPU_FORCE_MS = {"aspirin": 1339.89, "Ac-Ala3-NHMe": 1160.31, "DHA": 1643.48}
+ANCHOR_CPU_TRAIN_MS = {"aspirin": 19813.54, "Ac-Ala3-NHMe": 25182.66, "DHA": 44522.15}
+ANCHOR_H100_FORCE_MS = {"aspirin": 570.46, "Ac-Ala3-NHMe": 559.62, "DHA": 630.67, "stachyose": 573.21}
+ANCHOR_H100_TRAIN_MS = {"DHA": 1338.83}
+MACE_SMALL_CPU_MS = (33.0, 84.0)
+MACE_SMALL_DHA_MS = 51.0
+
+
+
+def energy_and_forces(model, hg, training=False):
+    """The plain path (``model.fused = False`` in case forward dispatches to the fused one)."""
+    model.fused = False
+    try:
+        return _energy_and_forces(model, hg, training=training)
+    finally:
+        del model.fused
+
+
+PATHS = {"plain": energy_and_forces, "fused": fused_energy_and_forces}
+
+
+def _stachyose():
+    import ase.io
+
+    if STACHYOSE_XYZ.exists():
+        return ase.io.read(STACHYOSE_XYZ, index=0)
+    try:
+        import re
+
+        from ase import Atoms
+        from rdkit import Chem
+        from rdkit.Chem import AllChem
+
+        src = Path("/work/shared/data/gfn2/make_gfn2.py").read_text()
+        m = re.search(r'"stachyose":\s*((?:"[^"]*"\s*)+)', src)
+        smiles = "".join(re.findall(r'"([^"]*)"', m.group(1)))
+        mol = Chem.AddHs(Chem.MolFromSmiles(smiles))
+        params = AllChem.ETKDGv3()
+        params.randomSeed = 42
+        AllChem.EmbedMolecule(mol, params)
+        AllChem.MMFFOptimizeMolecule(mol, maxIters=200)
+        return Atoms(numbers=[a.GetAtomicNum() for a in mol.GetAtoms()], positions=mol.GetConformer().GetPositions())
+    except Exception as exc:  # noqa: BLE001
+        print(f"# stachyose skipped: {exc}")
+        return None
+
+
+def molecules():
+    import ase.io
+
+    mols = [("aspirin", ase.io.read(DATA / "aspirin.xyz"), "md17"),
+            ("Ac-Ala3-NHMe", ase.io.read(DATA / "ac_ala3_nhme.xyz"), "md22"),
+            ("DHA", ase.io.read(DATA / "dha.xyz"), "md22")]
+    st = _stachyose()
+    if st is not None:
+        mols.append(("stachyose", st, "md22"))
+    return mols
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timeit(fn, device, repeats: int, warmup: int = 1, budget_s: float = 60.0) -> float:
+    """Median wall time (ms) over ``repeats`` calls after ``warmup``; stops early past budget_s."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    ts = []
+    start = time.perf_counter()
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        ts.append(time.perf_counter() - t0)
+        if time.perf_counter() - start > budget_s:
+            break
+    return statistics.median(ts) * 1e3
+
+
+def make_model(preset: str, frag: str, device, dtype=torch.float32, seed: int = 0) -> SE3SetModel:
+    torch.manual_seed(seed)
+    cfg = ModelConfig.preset(preset, fragment=FragmentSettings.preset(frag))
+    model = SE3SetModel(cfg, dtype)
+    torch.nn.init.normal_(model.head[-1].weight, std=0.1)
+    return model.to(device)
+
+
+def calc_call(model, fragmenter, atoms, device, ef, dtype=torch.float32):
+    hg = fragmenter(atoms).to(device, dtype)
+    energy, forces, _ = ef(model, hg, training=False)
+    return float(energy.detach().sum().cpu()), forces.detach().cpu().numpy()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--quick", action="store_true", help="fewer repeats; training at the small preset only")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--presets", default="paper,small")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda asked for but CUDA is not available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    presets = args.presets.split(",")
+    reps = 3 if args.quick else 10
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} torch threads"
+    print(f"# device: {dev_name}; torch {torch.__version__}; float32; median of up to {reps} calls")
+    mols = molecules()
+
+    # ---------------------------------------------------------------- (a) calculator calls
+    print("\n## (a) energy + forces per call (calculator-style, cached fragmentation), ms")
+    print(f"{'preset':7s} {'molecule':14s} {'atoms':>5s} {'tokens':>6s} {'v2e':>5s} {'plain':>9s} {'fused':>9s} {'speed-up':>8s} {'max|dF|/max|F|':>15s}")
+    calc_ms: dict[tuple[str, str], dict[str, float]] = {}
+    for preset in presets:
+        for name, atoms, frag in mols:
+            model = make_model(preset, frag, device)
+            for p in model.parameters():
+                p.requires_grad_(False)
+            fr = Fragmenter(model.config.fragment)
+            hg = fr(atoms)
+            row = {}
+            forces = {}
+            for path, ef in PATHS.items():
+                forces[path] = calc_call(model, fr, atoms, device, ef)[1]
+                row[path] = timeit(lambda: calc_call(model, fr, atoms, device, ef), device, reps)
+            dF = np.abs(forces["plain"] - forces["fused"]).max() / max(np.abs(forces["plain"]).max(), 1e-30)
+            calc_ms[(preset, name)] = row
+            print(f"{preset:7s} {name:14s} {len(atoms):5d} {hg.num_tokens:6d} {hg.v2e_src.shape[0]:5d} "
+                  f"{row['plain']:9.1f} {row['fused']:9.1f} {row['plain'] / row['fused']:7.2f}x {dF:15.2e}", flush=True)
+
+    # ---------------------------------------------------------------- (b) training step
+    print("\n## (b) training step: batch of 8 DHA, forces with create_graph, loss backward, AdamW step")
+    print(f"{'preset':7s} {'path':6s} {'ms/step':>10s} {'samples/s':>10s}")
+    dha = next(a for n, a, _ in mols if n == "DHA")
+    train_ms: dict[tuple[str, str], float] = {}
+    for preset in (["small"] if args.quick else presets):
+        model = make_model(preset, "md22", device)
+        fr = Fragmenter(model.config.fragment)
+        rng = np.random.default_rng(0)
+        graphs = []
+        for _ in range(8):
+            a = dha.copy()
+            a.positions += rng.normal(scale=0.02, size=a.positions.shape)
+            graphs.append(fr(a))
+        batch = collate(graphs).to(device, torch.float32)
+        f_ref = torch.zeros_like(batch.positions)
+        e_ref = torch.zeros(batch.num_graphs, device=device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+        for path, ef in PATHS.items():
+            def step():
+                opt.zero_grad(set_to_none=True)
+                e, f, _ = ef(model, batch, training=True)
+                loss = (e - e_ref).pow(2).mean() + 100.0 * (f - f_ref).pow(2).mean()
+                loss.backward()
+                opt.step()
+            slow = preset == "paper" and path == "plain" and device.type == "cpu"
+            ms = timeit(step, device, 1 if slow else (2 if args.quick else 5), warmup=1, budget_s=90.0)
+            train_ms[(preset, path)] = ms
+            print(f"{preset:7s} {path:6s} {ms:10.1f} {8000.0 / ms:10.2f}", flush=True)
+        print(f"{preset:7s} speed-up fused/plain: {train_ms[(preset, 'plain')] / train_ms[(preset, 'fused')]:.2f}x")
+
+    # ---------------------------------------------------------------- (c) fragmentation
+    print("\n## (c) fragmentation per MD step, topology cached (jittered geometries), ms")
+    rng = np.random.default_rng(1)
+    for name, atoms, frag in mols:
+        fr = Fragmenter(FragmentSettings.preset(frag))
+        fr(atoms)
+        frames = [atoms.positions + rng.normal(scale=0.01, size=atoms.positions.shape) for _ in range(50)]
+        t0 = time.perf_counter()
+        for r in frames:
+            fr(atoms.numbers, r)
+        per = (time.perf_counter() - t0) / len(frames) * 1e3
+        print(f"{name:14s} ({frag}) {per:8.3f} ms/step")
+
+    # ---------------------------------------------------------------- (d) anchors
+    print("\n## (d) against anchors (published SE3Set code and MACE; measured in ANOTHER run on the same kind of machine)")
+    if device.type == "cpu":
+        if "paper" in presets:
+            for name, ref in ANCHOR_CPU_FORCE_MS.items():
+                r = calc_ms.get(("paper", name))
+                if r:
+                    print(f"force call, paper, {name:14s}: published {ref:8.1f} ms | plain {r['plain']:7.1f} ({ref / r['plain']:5.1f}x) "
+                          f"| fused {r['fused']:7.1f} ({ref / r['fused']:5.1f}x)")
+            for name, ref in ANCHOR_CPU_TRAIN_MS.items():
+                if name == "DHA" and ("paper", "fused") in train_ms:
+                    p, f = train_ms[("paper", "plain")], train_ms[("paper", "fused")]
+                    print(f"train step b8, paper, DHA    : published {ref:8.1f} ms | plain {p:7.1f} ({ref / p:5.1f}x) | fused {f:7.1f} ({ref / f:5.1f}x)")
+        for preset in presets:
+            r = calc_ms.get((preset, "DHA"))
+            if r:
+                print(f"DHA force call, {preset}: fused {r['fused']:.1f} ms vs MACE-small 51 ms (CPU range 33-84 ms): "
+                      f"{'faster' if r['fused'] < MACE_SMALL_DHA_MS else 'slower'} ({MACE_SMALL_DHA_MS / r['fused']:.2f}x); target paper <= 150 ms")
+    else:
+        for name, ref in ANCHOR_H100_FORCE_MS.items():
+            r = calc_ms.get(("paper", name))
+            if r:
+                print(f"force call, paper, {name:14s}: published H100 {ref:7.1f} ms | plain {r['plain']:7.2f} | fused {r['fused']:7.2f} (target <= 5 ms)")
+        if ("paper", "fused") in train_ms:
+            f = train_ms[("paper", "fused")]
+            print(f"train DHA b8 paper: published H100 {ANCHOR_H100_TRAIN_MS['DHA']:.1f} ms (6.0 samples/s) | fused {f:.1f} ms "
+                  f"({8000.0 / f:.1f} samples/s, target >= 300)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,523 @@
+"""Fused forward pass of :class:`SE3SetModel`: same parameters, same numbers, no flat slicing.
+
+``fused_forward(model, hg)`` computes exactly what ``SE3SetModel.forward`` computes (per-atom
+energies, eV), reading the parameters of the existing modules, but keeps every feature as one
+tensor per irrep type, laid out ``(B, 2l+1, mul)`` ("component-major": a linear map is then one
+``addmm`` on a ``(B*(2l+1), mul)`` view). No per-edge tensor is ever sliced, split or
+concatenated: in double backward (forces with ``create_graph=True``, then ``backward``) every
+such slice becomes "allocate zeros of the full size + copy", which dominated the plain training
+step.
+
+How the pieces map onto the plain modules:
+
+- ``IrrepsLinear``: per irrep type, ``y = sum_k x_k @ W[rows_k, cols] / sqrt(fan_in) (+ bias)``;
+  a linear that follows a tensor product takes the product's paths as separate inputs (one
+  matmul per path, accumulated into the output type, no ``cat``), and outputs that the plain
+  code splits afterwards (attention scalars | gate scalars | gates) are computed as separate
+  column blocks of the weight (slicing parameters, not activations).
+- depthwise ("uvu") ``TensorProduct``: per instruction, with the real Clebsch-Gordan tensor
+  ``o3.wigner_3j(l1, l2, l3)`` times e3nn's normalisation ``instruction.path_weight``
+  (cached per dtype/device on the model). V2E (attribute = spherical harmonics, one copy per l,
+  per-edge radial weights): ``S = C . Y(r)`` (E, d1, d3), ``T = S^T x * w_edge``; the radial
+  weights of each path come from its own rows of the radial MLP's last layer. E2V and the
+  second products (shared u x v weights): the attribute is first contracted with the weights
+  over v (one matmul), then with the CG. Shared weights of a product whose attribute has
+  multiplicity 1 are folded into the rows of the following linear map.
+- ``Gate`` (e3nn): the activations are called through the gate's own ``normalize2mom``
+  modules, so the constants are the plain ones.
+
+Everything is batched over atoms/tokens/edges; Python loops run over the handful of l-paths.
+Tested against the plain forward in ``tests/test_fused.py`` (float64 to 1e-10, float32 to 1e-5,
+energies, forces and force-loss parameter gradients).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from e3nn import o3
+
+from ..hypergraph import Hypergraph, token_weights
+from .attention import HyperAttention, segment_softmax
+from .layers import EquivariantLayerNorm, GatedFFN, IrrepsLinear, RadialMLP
+
+Tensor = torch.Tensor
+Feat = list  # list[Tensor | None], one (B, 2l+1, mul) tensor per block of an Irreps
+
+_CACHE_ATTR = "_fused_cache"
+_META_ATTR = "_fused_meta"
+
+
+# ------------------------------------------------------------------ caches
+def _cache(model: torch.nn.Module) -> dict:
+    c = model.__dict__.get(_CACHE_ATTR)
+    if c is None:
+        c = {}
+        model.__dict__[_CACHE_ATTR] = c
+    return c
+
+
+class _Ctx:
+    """Per-call context: dtype/device and the model's caches (CG tensors, linear metadata)."""
+
+    def __init__(self, model, dtype, device):
+        self.dtype, self.device = dtype, device
+        cache = _cache(model)
+        self.cg = cache.setdefault(("cg", dtype, str(device)), {})
+        self.meta = cache.setdefault("meta", {})
+
+    def wigner(self, l1: int, l2: int, l3: int) -> Tensor:
+        key = (l1, l2, l3)
+        c = self.cg.get(key)
+        if c is None:
+            c = o3.wigner_3j(l1, l2, l3, dtype=torch.float64).to(self.dtype).to(self.device)
+            self.cg[key] = c
+        return c
+
+
+# ------------------------------------------------------------------ layout helpers
+def to_blocks(x: Tensor, irreps: o3.Irreps) -> Feat:
+    """Flat e3nn tensor (B, irreps.dim) -> per-block (B, 2l+1, mul) (for tests/boundaries)."""
+    out, start = [], 0
+    for mul, ir in irreps:
+        out.append(x[:, start:start + mul * ir.dim].reshape(-1, mul, ir.dim).transpose(1, 2).contiguous())
+        start += mul * ir.dim
+    return out
+
+
+def from_blocks(xs: Feat, irreps: o3.Irreps) -> Tensor:
+    """Per-block (B, 2l+1, mul) -> flat e3nn tensor (B, irreps.dim)."""
+    return torch.cat([x.transpose(1, 2).reshape(x.shape[0], -1) for x in xs], dim=-1)
+
+
+def _mm_acc(acc: Tensor | None, x: Tensor, w: Tensor) -> Tensor:
+    """acc + x @ w with x (B, d, m) and w (m, V): one (addmm) on the (B*d, m) view."""
+    b, d, m = x.shape
+    x2 = x.reshape(b * d, m)
+    if acc is None:
+        return torch.mm(x2, w).view(b, d, w.shape[1])
+    return torch.addmm(acc.reshape(b * d, -1), x2, w).view(b, d, w.shape[1])
+
+
+# ------------------------------------------------------------------ IrrepsLinear
+class _LinMeta:
+    def __init__(self, lin: IrrepsLinear):
+        self.type_index = {ir: t for t, ir in enumerate(lin.types)}
+        # input block k -> (type idx, row0, row1)
+        self.in_rows: list[tuple[int, int, int] | None] = [None] * len(lin.irreps_in)
+        for t, (ins, _outs, _fan) in enumerate(lin.plan):
+            r = 0
+            for k in ins:
+                mul = lin.irreps_in[k].mul
+                self.in_rows[k] = (t, r, r + mul)
+                r += mul
+        # output block k -> (type idx or None, col0, col1, bias0 or None)
+        self.out_cols: list[tuple[int | None, int, int, int | None]] = []
+        col = [0] * len(lin.types)
+        nb = 0
+        for mul, ir in lin.irreps_out:
+            t = self.type_index.get(ir)
+            b0 = None
+            if ir == o3.Irrep("0e") and lin.bias is not None:
+                b0 = nb
+                nb += mul
+            if t is None:
+                self.out_cols.append((None, 0, mul, b0))
+            else:
+                self.out_cols.append((t, col[t], col[t] + mul, b0))
+                col[t] += mul
+        self.fan_in = [fan for (_i, _o, fan) in lin.plan]
+        self.dims = [ir.dim for ir in lin.types]
+
+
+def _lmeta(ctx: _Ctx, lin: IrrepsLinear) -> _LinMeta:
+    m = ctx.meta.get(id(lin))
+    if m is None or m[0] is not lin:
+        m = (lin, _LinMeta(lin))
+        ctx.meta[id(lin)] = m
+    return m[1]
+
+
+class _Outer:
+    """A tensor-product path output T[z,k,u] = s[z,k,0] * x[z,0,u], kept factored."""
+
+    __slots__ = ("s", "x", "shape")
+
+    def __init__(self, s: Tensor, x: Tensor):
+        self.s, self.x = s, x
+        self.shape = (x.shape[0], s.shape[1], x.shape[2])
+
+
+def _lin_cols(ctx: _Ctx, lin: IrrepsLinear, xs: Sequence[Tensor | None], t: int, c0: int, c1: int,
+              bias0: int | None, row_scale: dict[int, Tensor] | None = None) -> Tensor:
+    """Columns c0:c1 of type t of ``lin`` applied to its input blocks ``xs`` (list aligned with
+    ``lin.irreps_in``; None = absent). ``row_scale[k]`` (mul_k,) multiplies the rows of block k
+    (a folded shared tensor-product weight)."""
+    meta = _lmeta(ctx, lin)
+    w = lin.weights[t]
+    scale = 1.0 / math.sqrt(meta.fan_in[t])
+    acc = None
+    if bias0 is not None:
+        b = lin.bias[bias0:bias0 + (c1 - c0)]
+    else:
+        b = None
+    for k, x in enumerate(xs):
+        if x is None:
+            continue
+        rows = meta.in_rows[k]
+        if rows is None or rows[0] != t:
+            continue
+        _tk, r0, r1 = rows
+        wk = w[r0:r1, c0:c1]
+        if row_scale is not None and k in row_scale:
+            wk = wk * (row_scale[k] * scale).unsqueeze(1)
+        else:
+            wk = wk * scale
+        if isinstance(x, _Outer):
+            g = _mm_acc(None, x.x, wk)  # (B, 1, V)
+            term = x.s * g  # (B, d, V)
+            if acc is None:
+                acc = term + b if b is not None else term
+            else:
+                acc = acc + term
+            continue
+        if acc is None and b is not None:
+            bsz, d, _ = x.shape
+            acc = torch.addmm(b, x.reshape(bsz * d, -1), wk).view(bsz, d, c1 - c0)
+        else:
+            acc = _mm_acc(acc, x, wk)
+    if acc is None:
+        raise RuntimeError("fused linear: no input of the requested type")
+    return acc
+
+
+def _linear(ctx: _Ctx, lin: IrrepsLinear, xs: Sequence[Tensor | None],
+            row_scale: dict[int, Tensor] | None = None) -> Feat:
+    """All output blocks of ``lin`` (list aligned with ``lin.irreps_out``)."""
+    meta = _lmeta(ctx, lin)
+    ref = next(x for x in xs if x is not None)
+    if isinstance(ref, _Outer):
+        ref = ref.x
+    out = []
+    for (mul, ir), (t, c0, c1, b0) in zip(lin.irreps_out, meta.out_cols):
+        if t is None:
+            z = ref.new_zeros(ref.shape[0], ir.dim, mul)
+            if b0 is not None:
+                z = z + lin.bias[b0:b0 + mul]
+            out.append(z)
+        else:
+            out.append(_lin_cols(ctx, lin, xs, t, c0, c1, b0, row_scale))
+    return out
+
+
+# ------------------------------------------------------------------ layer norm, gate, FFN
+def _layer_norm(norm: EquivariantLayerNorm, xs: Feat) -> Feat:
+    out, w0, b0 = [], 0, 0
+    for (mul, ir), x in zip(norm.irreps, xs):
+        if ir.l == 0:
+            x = x - x.mean(dim=-1, keepdim=True)
+        rms = torch.sqrt(x.pow(2).mean(dim=(-2, -1), keepdim=True) + norm.eps)
+        y = x / rms * norm.weight[w0:w0 + mul]
+        w0 += mul
+        if ir.l == 0:
+            y = y + norm.bias[b0:b0 + mul]
+            b0 += mul
+        out.append(y)
+    return out
+
+
+class _GateMeta:
+    """Column layout of the 0e output of the linear map feeding a Gate."""
+
+    def __init__(self, gate, offset: int):
+        # gate.irreps_in = sorted/simplified (scalars + gates) 0e block, then the gated blocks
+        self.n_scalars = gate.irreps_scalars.num_irreps
+        self.gated = [(mul, ir) for mul, ir in gate.irreps_gated]
+        self.scal = (offset, offset + self.n_scalars)
+        self.gates = []
+        g = offset + self.n_scalars
+        for mul, _ir in self.gated:
+            self.gates.append((g, g + mul))
+            g += mul
+        self.act_s = gate.act_scalars.acts[0] if len(gate.act_scalars.acts) else None
+        self.act_g = gate.act_gates.acts[0] if len(gate.act_gates.acts) else None
+
+
+def _gate_from_linear(ctx: _Ctx, lin: IrrepsLinear, xs: Sequence[Tensor | None], gate, offset: int,
+                      row_scale: dict[int, Tensor] | None = None) -> Feat:
+    """Gate(lin(x)) where the gate's input starts at 0e column ``offset`` of ``lin``'s output.
+
+    Returns blocks aligned with ``gate.irreps_out`` (scalars, then the gated types)."""
+    gm = _GateMeta(gate, offset)
+    meta = _lmeta(ctx, lin)
+    t0 = meta.type_index[o3.Irrep("0e")]
+    bias_on = lin.bias is not None
+    # the 0e output of lin is one block (the plain IrrepsLinear puts all 0e columns in one
+    # weight); bias index = column index for 0e outputs
+    s = _lin_cols(ctx, lin, xs, t0, gm.scal[0], gm.scal[1], gm.scal[0] if bias_on else None, row_scale)
+    out = [gm.act_s(s)]
+    for (mul, ir), (g0, g1) in zip(gm.gated, gm.gates):
+        g = _lin_cols(ctx, lin, xs, t0, g0, g1, g0 if bias_on else None, row_scale)
+        g = gm.act_g(g)  # (B, 1, mul)
+        x = _lin_cols(ctx, lin, xs, meta.type_index[ir], *_col_range_of_type(lin, meta, ir), None, row_scale)
+        out.append(x * g)
+    return out
+
+
+def _col_range_of_type(lin: IrrepsLinear, meta: _LinMeta, ir) -> tuple[int, int]:
+    t = meta.type_index[ir]
+    cols = [(c0, c1) for (tt, c0, c1, _b) in meta.out_cols if tt == t]
+    if len(cols) != 1:
+        raise RuntimeError(f"fused gate expects one {ir} block in the linear's output")
+    return cols[0]
+
+
+def _ffn(ctx: _Ctx, ffn: GatedFFN, xs: Feat) -> Feat:
+    g = _gate_from_linear(ctx, ffn.lin1, xs, ffn.gate, 0)
+    return _linear(ctx, ffn.lin2, g)
+
+
+# ------------------------------------------------------------------ tensor products
+class _TPMeta:
+    """Per instruction of a depthwise TP: (i1, i2, i_out, l1, l2, l3, path_weight, w_off, u, v)."""
+
+    def __init__(self, tp: o3.TensorProduct):
+        self.paths = []
+        off = 0
+        for ins in tp.instructions:
+            if ins.connection_mode != "uvu" or not ins.has_weight:
+                raise RuntimeError("fused: only weighted 'uvu' tensor products are supported")
+            m1, ir1 = tp.irreps_in1[ins.i_in1]
+            m2, ir2 = tp.irreps_in2[ins.i_in2]
+            _m3, ir3 = tp.irreps_out[ins.i_out]
+            self.paths.append((ins.i_in1, ins.i_in2, ins.i_out, ir1.l, ir2.l, ir3.l,
+                               float(ins.path_weight), off, m1, m2))
+            off += m1 * m2
+
+
+def _tmeta(ctx: _Ctx, tp) -> _TPMeta:
+    m = ctx.meta.get(id(tp))
+    if m is None or m[0] is not tp:
+        m = (tp, _TPMeta(tp))
+        ctx.meta[id(tp)] = m
+    return m[1]
+
+
+def _cg_sh(ctx: _Ctx, l1: int, l2: int, l3: int, pw: float) -> Tensor:
+    """pw * C_{ijk} as a (d2, d1*d3) matrix (to contract with a per-edge Y_l2)."""
+    key = ("sh", l1, l2, l3, pw)
+    c = ctx.cg.get(key)
+    if c is None:
+        w = ctx.wigner(l1, l2, l3)
+        c = (w.permute(1, 0, 2).reshape(2 * l2 + 1, (2 * l1 + 1) * (2 * l3 + 1)) * pw).contiguous()
+        ctx.cg[key] = c
+    return c
+
+
+def _cg_pair(ctx: _Ctx, l1: int, l2: int, l3: int, pw: float) -> Tensor:
+    """pw * C as a (d3, d1*d2) matrix (to contract with an outer product x_i Y_j)."""
+    key = ("pair", l1, l2, l3, pw)
+    c = ctx.cg.get(key)
+    if c is None:
+        w = ctx.wigner(l1, l2, l3)
+        c = (w.reshape((2 * l1 + 1) * (2 * l2 + 1), 2 * l3 + 1).t() * pw).contiguous()
+        ctx.cg[key] = c
+    return c
+
+
+def _tp_sh(ctx: _Ctx, tp, xs: Feat, sh: Feat, edge_w: list[Tensor] | None) -> list[Tensor]:
+    """Depthwise TP x (E, d1, u) with a multiplicity-1 attribute sh (E, d2) per block.
+
+    Returns one (E, d3, u) tensor per instruction (= per block of tp.irreps_out). With
+    ``edge_w`` (per instruction (E, u)) the path is multiplied by it; shared weights are left to
+    the caller (folded into the next linear)."""
+    meta = _tmeta(ctx, tp)
+    out = []
+    for p, (i1, i2, _io, l1, l2, l3, pw, _off, _u, _v) in enumerate(meta.paths):
+        x = xs[i1]
+        y = sh[i2]  # (E, d2)
+        e = x.shape[0]
+        if l1 == 0:
+            # C_{0jk} = delta_jk / sqrt(d): T[z,k,u] = pw/sqrt(d) y[z,k] x[z,0,u]
+            # (computed through the CG matrix so that it is exactly the e3nn constant)
+            s = torch.mm(y, _cg_sh(ctx, l1, l2, l3, pw)).view(e, 2 * l3 + 1, 1)
+            if l3 > 0:
+                # rank-1 in (k, u): keep it factored, the next linear applies W to x first
+                xw = x * edge_w[p].unsqueeze(1) if edge_w is not None else x
+                out.append(_Outer(s, xw))
+                continue
+            t = s * x
+        else:
+            s = torch.mm(y, _cg_sh(ctx, l1, l2, l3, pw)).view(e, 2 * l1 + 1, 2 * l3 + 1)
+            # (measured: bmm beats broadcast-multiply + sum here, forward and backward)
+            t = torch.bmm(s.transpose(1, 2), x)  # (E, d3, u)
+        if edge_w is not None:
+            t = t * edge_w[p].unsqueeze(1)
+        out.append(t)
+    return out
+
+
+def _tp_shared(ctx: _Ctx, tp, xs: Feat, attr: Feat) -> list[Tensor]:
+    """Depthwise TP with shared u x v weights: x (E, d1, u), attr (E, d2, v) per block.
+
+    Y = attr @ W^T (contract v first), then T[z,k,u] = pw sum_ij C_ijk x[z,i,u] Y[z,j,u]."""
+    meta = _tmeta(ctx, tp)
+    wflat = tp.weight
+    out = []
+    ycache: dict[tuple[int, int], Tensor] = {}
+    for (i1, i2, _io, l1, l2, l3, pw, off, u, v) in meta.paths:
+        x = xs[i1]
+        e = x.shape[0]
+        w = wflat[off:off + u * v].view(u, v)
+        y = _mm_acc(None, attr[i2], w.t())  # (E, d2, u)
+        d1, d2, d3 = 2 * l1 + 1, 2 * l2 + 1, 2 * l3 + 1
+        c = _cg_pair(ctx, l1, l2, l3, pw)  # (d3, d1*d2)
+        if l1 == 0:
+            # T = x[:,0,u] * (C0^T Y): (d3, d2) @ (E, d2, u)
+            t = torch.matmul(c, y) * x
+        elif l2 == 0:
+            t = torch.matmul(c, x) * y
+        else:
+            xx = (x.unsqueeze(2) * y.unsqueeze(1)).view(e, d1 * d2, u)
+            t = torch.matmul(c, xx)
+        out.append(t)
+    return out
+
+
+# ------------------------------------------------------------------ attention
+def _attention(ctx: _Ctx, att: HyperAttention, x_dst: Feat, x_src: Feat | None, src: Tensor | None,
+               dst: Tensor, attr: Feat, basis: Tensor | None, edge_weight: Tensor | None,
+               sh_mode: bool) -> Feat:
+    num_dst = x_dst[0].shape[0]
+    msg = [t.index_select(0, dst) for t in _linear(ctx, att.lin_dst, x_dst)]
+    if att.lin_src is not None:
+        msg = [m + t.index_select(0, src) for m, t in zip(msg, _linear(ctx, att.lin_src, x_src))]
+
+    # first tensor product
+    if sh_mode:
+        # per-edge radial weights, one matmul per path on the radial MLP's hidden layer
+        net = att.radial.net
+        hidden = net[:-1](basis)
+        last = net[-1]
+        meta1 = _tmeta(ctx, att.tp1)
+        edge_w = []
+        for (_i1, _i2, _io, _l1, _l2, _l3, _pw, off, u, v) in meta1.paths:
+            if v != 1:
+                raise RuntimeError("fused: V2E attribute must have multiplicity 1")
+            edge_w.append(torch.addmm(last.bias[off:off + u], hidden, last.weight[off:off + u].t()))
+        m = _tp_sh(ctx, att.tp1, msg, attr, edge_w)
+    else:
+        m = _tp_shared(ctx, att.tp1, msg, attr)
+
+    # lin_alpha_value: 0e columns [alpha | gate scalars | gates], then the gated types
+    lav = att.lin_alpha_value
+    meta = _lmeta(ctx, lav)
+    t0 = meta.type_index[o3.Irrep("0e")]
+    a = _lin_cols(ctx, lav, m, t0, 0, att.n_alpha, 0 if lav.bias is not None else None).squeeze(1)
+    a = att.act_alpha(a).view(-1, att.num_heads, att.alpha_dot.shape[1])
+    logits = (a * att.alpha_dot).sum(-1)
+    alpha = segment_softmax(logits, dst, num_dst, edge_weight)  # (E, H)
+    g = _gate_from_linear(ctx, lav, m, att.gate, att.n_alpha)
+
+    # second tensor product (shared weights) + lin_value2
+    if sh_mode:
+        t2 = _tp_sh(ctx, att.tp2, g, attr, None)
+        meta2 = _tmeta(ctx, att.tp2)
+        wflat = att.tp2.weight
+        row_scale = {p: wflat[off:off + u] for p, (_a, _b, _c, _l1, _l2, _l3, _pw, off, u, _v)
+                     in enumerate(meta2.paths)}
+        v = _linear(ctx, att.lin_value2, t2, row_scale)
+    else:
+        t2 = _tp_shared(ctx, att.tp2, g, attr)
+        v = _linear(ctx, att.lin_value2, t2)
+
+    h = att.num_heads
+    out = []
+    for x in v:
+        e, d, mul = x.shape
+        x = (x.view(e, d, h, mul // h) * alpha.view(e, 1, h, 1)).view(e, d, mul)
+        out.append(torch.zeros((num_dst, d, mul), dtype=x.dtype, device=x.device).index_add(0, dst, x))
+    return _linear(ctx, att.lin_out, out)
+
+
+# ------------------------------------------------------------------ network
+def _sh_blocks(model, vec: Tensor) -> list[Tensor]:
+    """Spherical harmonics per l, (E, 2l+1) each, as ``model.sh`` computes them."""
+    irreps_sh = model.sh.irreps_out
+    return [o3.spherical_harmonics(ir.l, vec, normalize=model.sh.normalize, normalization=model.sh.normalization)
+            for _mul, ir in irreps_sh]
+
+
+def _add_scalars(x0: Tensor, emb: Tensor) -> Tensor:
+    return x0 + emb.unsqueeze(1)
+
+
+def fused_forward(model, hg: Hypergraph) -> Tensor:
+    """Per-atom energies (N,) in eV: same result as ``model.forward(hg)``, fused per-l layout."""
+    dtype = model.dtype
+    pos = hg.positions
+    ctx = _Ctx(model, dtype, pos.device)
+    z = model.element_indices(hg.numbers)
+    anchor = hg.token_anchor[hg.v2e_dst]
+    vec = pos[hg.v2e_src] - pos[anchor]
+    length = torch.linalg.vector_norm(vec, dim=-1)
+    sh = _sh_blocks(model, vec)
+    basis = model.basis(length)
+    frag = model.config.fragment
+    w_tok = None
+    if bool(hg.token_switched.any()):
+        w_tok = token_weights(hg, length, frag.implicit_rc, frag.switch_width)
+
+    n_atoms, n_tok = hg.num_atoms, hg.num_tokens
+    ns = model.n_scalar
+    # token embedding: anchor element + degree term (radial x Y_l summed over the token's members)
+    net = model.deg_radial.net
+    hidden = net[:-1](basis)
+    last = net[-1]
+    deg = []
+    for l, y in enumerate(sh):
+        rad = torch.addmm(last.bias[l * ns:(l + 1) * ns], hidden, last.weight[l * ns:(l + 1) * ns].t())
+        part = y.unsqueeze(2) * rad.unsqueeze(1)  # (E, d, ns)
+        deg.append(torch.zeros((n_tok, 2 * l + 1, ns), dtype=dtype, device=pos.device).index_add(0, hg.v2e_dst, part))
+    s = _linear(ctx, model.deg_lin, deg)
+    inv = 1.0 / torch.sqrt(model.avg_hyperedge_degree).to(dtype)
+    s = [x * inv for x in s]
+    s[0] = _add_scalars(s[0], model.token_embed(z[hg.token_anchor]))
+    h_in = _layer_norm(model.tok_in_norm, s)
+
+    tok = _linear(ctx, model.node_deg_lin, h_in)
+    if w_tok is not None:
+        tok = [x * w_tok.view(-1, 1, 1) for x in tok]
+    inv_n = 1.0 / torch.sqrt(model.avg_node_degree).to(dtype)
+    u = [torch.zeros((n_atoms,) + x.shape[1:], dtype=dtype, device=pos.device).index_add(0, hg.token_anchor, x) * inv_n
+         for x in tok]
+    u[0] = _add_scalars(u[0], model.atom_embed(z))
+    n_in = _layer_norm(model.node_in_norm, u)
+
+    for block in model.blocks:
+        s = [a + b for a, b in zip(s, _attention(ctx, block.v2e, h_in, n_in, hg.v2e_src, hg.v2e_dst,
+                                                  sh, basis, None, sh_mode=True))]
+        s = [a + b for a, b in zip(s, _ffn(ctx, block.tok_ffn, _layer_norm(block.tok_norm, s)))]
+        h_in = _layer_norm(block.tok_out_norm, s)
+        u = [a + b for a, b in zip(u, _attention(ctx, block.e2v, n_in, None, None, hg.token_anchor,
+                                                  h_in, None, w_tok, sh_mode=False))]
+        ffn = _ffn(ctx, block.node_ffn, _layer_norm(block.node_norm, u))
+        short = _linear(ctx, block.node_shortcut, u) if block.node_shortcut is not None else u
+        u = [a + b for a, b in zip(short, ffn)]
+        n_in = _layer_norm(block.node_out_norm, u)
+    out = model.head(n_in[0].squeeze(1)).squeeze(-1)
+    # as the plain path: reference energies added in float64
+    return (out * model.energy_scale.to(dtype)).double() + model.element_energy[z]
+
+
+def fused_energy_and_forces(model, hg: Hypergraph, training: bool = False
+                            ) -> tuple[Tensor, Tensor, Tensor]:
+    """As :func:`se3set_ase.model.network.energy_and_forces`, through :func:`fused_forward`."""
+    pos = hg.positions.detach().requires_grad_(True)
+    hg = hg.with_positions(pos)
+    with torch.enable_grad():
+        e_atom = fused_forward(model, hg)
+        energy = torch.zeros(hg.num_graphs, dtype=e_atom.dtype, device=e_atom.device).index_add(0, hg.batch, e_atom)
+        (grad,) = torch.autograd.grad(energy.sum(), pos, create_graph=training)
+    return energy, -grad, e_atom

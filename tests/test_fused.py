@@ -1,0 +1,129 @@
+"""The fused forward (se3set_ase.model.fused) computes the same function as SE3SetModel.forward."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import ase.io
+import pytest
+import torch
+from e3nn import o3
+
+from se3set_ase.fragment import Fragmenter, FragmentSettings
+from se3set_ase.hypergraph import collate
+from se3set_ase.model import ModelConfig, SE3SetModel
+from se3set_ase.model.fused import fused_energy_and_forces, fused_forward, from_blocks, to_blocks
+from se3set_ase.model.network import energy_and_forces as _energy_and_forces
+
+DATA = Path(__file__).parent / "data"
+
+
+def energy_and_forces(model, hg, training=False):
+    """The plain (unfused) path, also once ``SE3SetModel.forward`` dispatches on ``model.fused``."""
+    previous = model.__dict__.get("fused", None)
+    model.fused = False
+    try:
+        return _energy_and_forces(model, hg, training=training)
+    finally:
+        if previous is None:
+            del model.fused
+        else:
+            model.fused = previous
+
+
+def plain_forward(model, hg):
+    return energy_and_forces(model, hg)[2]
+
+
+CASES = [("md17", "aspirin.xyz"), ("md22", "ac_ala3_nhme.xyz")]
+
+
+def _setup(preset: str, frag: str, xyz: str, dtype: torch.dtype, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = ModelConfig.preset(preset, fragment=FragmentSettings.preset(frag))
+    model = SE3SetModel(cfg, dtype)
+    torch.nn.init.normal_(model.head[-1].weight)  # the head's output layer starts at zero
+    with torch.no_grad():  # non-trivial statistics, so that every buffer is exercised
+        model.energy_scale.fill_(1.7)
+        model.avg_node_degree.fill_(2.3)
+        model.avg_hyperedge_degree.fill_(5.1)
+        model.element_energy.normal_()
+    atoms = ase.io.read(DATA / xyz)
+    hg = Fragmenter(cfg.fragment)(atoms).to(dtype=dtype)
+    return model, hg
+
+
+def test_layout_roundtrip():
+    irreps = o3.Irreps("3x0e+2x1o+1x2e")
+    x = torch.randn(4, irreps.dim)
+    assert torch.equal(from_blocks(to_blocks(x, irreps), irreps), x)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+@pytest.mark.parametrize("frag,xyz", CASES)
+def test_fused_equals_plain_float64(preset, frag, xyz):
+    model, hg = _setup(preset, frag, xyz, torch.float64)
+    if frag == "md22":
+        assert bool(hg.token_switched.any()), "implicit case must exercise switched tokens"
+    e0 = plain_forward(model, hg)
+    e1 = fused_forward(model, hg)
+    assert e0.abs().max() > 0
+    torch.testing.assert_close(e1, e0, rtol=0, atol=1e-10)
+    E0, F0, _ = energy_and_forces(model, hg)
+    E1, F1, _ = fused_energy_and_forces(model, hg)
+    assert F0.abs().max() > 1e-3
+    torch.testing.assert_close(E1, E0, rtol=0, atol=1e-10)
+    torch.testing.assert_close(F1, F0, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+@pytest.mark.parametrize("frag,xyz", CASES)
+def test_fused_equals_plain_float32(preset, frag, xyz):
+    model, hg = _setup(preset, frag, xyz, torch.float32)
+    E0, F0, e0 = energy_and_forces(model, hg)
+    E1, F1, e1 = fused_energy_and_forces(model, hg)
+    assert (E1 - E0).abs().max() <= 1e-5 * E0.abs().max()
+    assert (e1 - e0).abs().max() <= 1e-5 * e0.abs().max()
+    assert (F1 - F0).abs().max() <= 1e-5 * F0.abs().max()
+
+
+@pytest.mark.parametrize("frag,xyz", CASES)
+def test_fused_rotation_equivariance(frag, xyz):
+    model, hg = _setup("tiny", frag, xyz, torch.float64)
+    rot = o3.rand_matrix(dtype=torch.float64)
+    E0, F0, _ = fused_energy_and_forces(model, hg)
+    E1, F1, _ = fused_energy_and_forces(model, hg.with_positions(hg.positions @ rot.T))
+    torch.testing.assert_close(E1, E0, rtol=0, atol=1e-10)
+    torch.testing.assert_close(F1, F0 @ rot.T, rtol=0, atol=1e-10)
+
+
+def _force_loss_grads(model, hg, fn):
+    model.zero_grad(set_to_none=True)
+    E, F, _ = fn(model, hg, training=True)
+    target = torch.linspace(-1.0, 1.0, F.numel(), dtype=F.dtype).view_as(F)
+    loss = (E - 0.3).pow(2).mean() + 100.0 * (F - target).pow(2).mean()
+    loss.backward()
+    return loss.detach(), {n: (p.grad.clone() if p.grad is not None else None) for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+@pytest.mark.parametrize("frag,xyz", CASES)
+def test_fused_training_gradients(preset, frag, xyz):
+    """Double backward: parameter gradients of a force loss agree (batch of two molecules)."""
+    model, hg = _setup(preset, frag, xyz, torch.float64)
+    hg2 = hg.with_positions(hg.positions + 0.02 * torch.randn_like(hg.positions))
+    batch = collate([hg, hg2])
+    l0, g0 = _force_loss_grads(model, batch, energy_and_forces)
+    l1, g1 = _force_loss_grads(model, batch, fused_energy_and_forces)
+    torch.testing.assert_close(l1, l0, rtol=1e-12, atol=1e-12)
+    assert g0.keys() == g1.keys()
+    nonzero = 0
+    for name in g0:
+        a, b = g0[name], g1[name]
+        if a is None or b is None:
+            # a parameter that does not enter the loss in one path must not enter it in the other
+            assert (a is None or not a.any()) and (b is None or not b.any()), name
+            continue
+        scale = max(a.abs().max().item(), 1.0)
+        assert (a - b).abs().max().item() <= 1e-10 * scale, name
+        nonzero += int(a.abs().max().item() > 0)
+    assert nonzero > len(g0) // 2
