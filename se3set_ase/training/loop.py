@@ -340,6 +340,8 @@ def fit(cfg: TrainConfig, resume: bool = False, argv: list[str] | None = None) -
         ema.load_state_dict(ck["ema"])
         state.update(ck["state"])
         state["history"] = list(ck["state"]["history"])
+    state.setdefault("commands", [])
+    state["commands"] = list(state["commands"]) + [" ".join(argv) if argv else "fit() from Python"]
     ddp = model
     if world > 1:
         # the last block's l > 0 value paths cannot reach the scalar energy; the fused forward
@@ -449,10 +451,9 @@ def fit(cfg: TrainConfig, resume: bool = False, argv: list[str] | None = None) -
     save_ckpt()
     result: dict[str, Any] = {"steps": state["step"], "epochs": state["epoch"], "elapsed_s": state["elapsed"],
                               "stopped": stopped or "done", "checkpoint": str(_ckpt_path(cfg)), **data_info}
-    if stopped:
-        if rank == 0:
-            print(f"stopped by --{stopped.replace('_', '-')} at step {state['step']}; continue with --resume")
-        return result
+    if stopped and rank == 0:
+        print(f"stopped by --{stopped.replace('_', '-')} at step {state['step']}; continue with --resume "
+              "(the model file below holds the best weights so far)")
     # final: best EMA weights (or the last EMA weights when there was no validation)
     if (out / "best.pt").is_file():
         from ..model import load_model
@@ -470,10 +471,12 @@ def fit(cfg: TrainConfig, resume: bool = False, argv: list[str] | None = None) -
         write_reports(out, state["history"])
         print(format_table(metrics))
         output = Path(cfg.output) if cfg.output else out / "model.pt"
-        meta = {"training": {"data": data_info["source"], "command": " ".join(argv) if argv else None,
+        meta = {"training": {"data": data_info["source"], "command": state["commands"][0],
+                             "commands": state["commands"],  # the first, then each --resume
                              "frames": {k: len(v) for k, v in sets.items()},
                              "preset": cfg.preset, "parameters": count_parameters(final),
-                             "steps": state["step"], "wall_time_s": state["elapsed"],
+                             "steps": state["step"], "epochs": state["epoch"], "stopped": stopped or "done",
+                             "wall_time_s": state["elapsed"],
                              "device": str(device), "dtype": cfg.dtype, "seed": cfg.seed},
                 "metrics": metrics}
         save_model(final, output, meta)
