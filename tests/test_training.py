@@ -102,7 +102,8 @@ def test_resume_is_exact(data_file, tmp_path):
         assert torch.equal(a["ema"]["shadow"][k], b["ema"]["shadow"][k]), k
 
 
-def test_resume_after_kill(data_file, tmp_path):
+@pytest.mark.parametrize("kill_step", [6, 8])  # mid-epoch, and right after an epoch's last step
+def test_resume_after_kill(data_file, tmp_path, kill_step):
     """A process killed mid-run resumes from its last checkpoint to the same result."""
     fit(config(data_file, tmp_path / "a"))
     out = tmp_path / "b"
@@ -111,11 +112,11 @@ def test_resume_after_kill(data_file, tmp_path):
               f"import os, signal\nimport se3set_ase.training.loop as L\n"
               f"orig = L.atomic_torch_save\n"
               f"def save(obj, path):\n    orig(obj, path)\n"
-              f"    if obj['state']['step'] >= 6: os.kill(os.getpid(), signal.SIGKILL)\n"
+              f"    if obj['state']['step'] >= {kill_step}: os.kill(os.getpid(), signal.SIGKILL)\n"
               f"L.atomic_torch_save = save\nfit(TrainConfig(**{cfg.__dict__!r}))\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True)
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
-    assert torch.load(out / "last.ckpt", weights_only=True)["state"]["step"] == 6
+    assert torch.load(out / "last.ckpt", weights_only=True)["state"]["step"] == kill_step
     fit(cfg, resume=True)
     a, b = weights(tmp_path / "a" / "last.ckpt"), weights(out / "last.ckpt")
     for k in a:

@@ -376,6 +376,9 @@ def fit(cfg: TrainConfig, resume: bool = False, argv: list[str] | None = None) -
         perm = np.random.default_rng([cfg.seed, state["epoch"]]).permutation(len(train))
         batches = [perm[i:i + cfg.batch_size] for i in range(0, len(train), cfg.batch_size)]
         model.train()
+        # learning rate of the last step taken (reported at the epoch's end, also when a resumed
+        # run starts exactly at an epoch's end)
+        lr = lr_at(cfg, max(state["step"] - 1, 0), total_steps, state["plateau_factor"])
         for bi in range(state["batch_in_epoch"], len(batches)):
             lr = lr_at(cfg, state["step"], total_steps, state["plateau_factor"])
             for g in opt.param_groups:
