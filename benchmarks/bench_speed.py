@@ -201,9 +201,13 @@ def main() -> None:
                 loss.backward()
                 opt.step()
             slow = preset == "paper" and path == "plain" and device.type == "cpu"
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             ms = timeit(step, device, 1 if slow else (2 if args.quick else 5), warmup=1, budget_s=90.0)
             train_ms[(preset, path)] = ms
-            print(f"{preset:7s} {path:6s} {ms:10.1f} {8000.0 / ms:10.2f}", flush=True)
+            peak = (f"  peak {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB"
+                    if device.type == "cuda" else "")
+            print(f"{preset:7s} {path:6s} {ms:10.1f} {8000.0 / ms:10.2f}{peak}", flush=True)
         print(f"{preset:7s} speed-up fused/plain: {train_ms[(preset, 'plain')] / train_ms[(preset, 'fused')]:.2f}x")
 
     # ---------------------------------------------------------------- (c) fragmentation
