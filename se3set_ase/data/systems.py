@@ -10,7 +10,8 @@ import numpy as np
 
 from .errors import DataError
 
-__all__ = ["BUILTIN_SMILES", "NOT_BUILT", "GFN2_MAX_Z", "build_system", "builtin_names"]
+__all__ = ["BUILTIN_SMILES", "NOT_BUILT", "GFN2_MAX_Z", "build_system", "builtin_names",
+           "BUCKYCATCHER_SMILES", "build_double_walled_nanotube"]
 
 #: tblite's GFN2-xTB parametrisation covers H..Rn
 GFN2_MAX_Z = 86
@@ -33,10 +34,12 @@ BUILTIN_SMILES = {
     "stachyose": "OC[C@H]1O[C@H](OC[C@H]2O[C@H](OC[C@H]3O[C@@H](O[C@]4(CO)O[C@H](CO)[C@@H](O)"
                  "[C@@H]4O)[C@H](O)[C@@H](O)[C@@H]3O)[C@H](O)[C@@H](O)[C@H]2O)[C@H](O)[C@@H](O)[C@H]1O",
 }
-#: MD22 systems without a built-in geometry yet (MD22: AT-AT 60 atoms = two stacked
-#: adenine-thymine pairs; AT-AT-CG-CG 118; buckyball catcher 148 = C60 + C88H28; double-walled
-#: nanotube 370, H-capped). Pass a structure file (e.g. a frame of the MD22 npz) instead.
-NOT_BUILT = {"buckyball-catcher": 148, "double-walled_nanotube": 370}
+#: MD22 systems without a built-in geometry yet: the buckyball catcher, 148 atoms = C60 + C60H28
+#: (ETKDG + MMFF of :data:`BUCKYCATCHER_SMILES` does not give the open pincer around C60).
+#: Pass a structure file.
+NOT_BUILT: dict[str, int] = {"buckyball-catcher": 148}
+#: built by a function rather than from a SMILES (name -> number of atoms)
+BUILT_BY_FUNCTION = {"double-walled_nanotube": 370}
 
 # DNA bases as in MD22 (no sugar, N9/N1 hydrogens): A C5H5N5, T C5H6N2O2, G C5H5N5O, C C4H5N3O.
 # Atom map numbers mark the Watson-Crick hydrogen-bond partners (donor heavy atom : acceptor).
@@ -57,7 +60,7 @@ def _norm(s: str) -> str:
 
 
 def builtin_names() -> list[str]:
-    return list(BUILTIN_SMILES) + list(STACKS) + list(NOT_BUILT)
+    return list(BUILTIN_SMILES) + list(STACKS) + list(BUILT_BY_FUNCTION) + list(NOT_BUILT)
 
 
 def _lookup(name: str) -> str | None:
@@ -115,6 +118,8 @@ def build_system(system: str, seed: int = 1234):
         return embed_smiles(BUILTIN_SMILES[name], seed, what=name), name
     if name in STACKS:
         return build_base_stack(STACKS[name], seed), name
+    if name == "double-walled_nanotube":
+        return build_double_walled_nanotube(seed), name
     if name in NOT_BUILT:
         raise DataError(f"built-in geometry for {name} ({NOT_BUILT[name]} atoms) is not available "
                         f"yet; pass a structure file (e.g. one frame of md22_{name}.npz written as "
@@ -232,3 +237,81 @@ def build_base_stack(pairs: list[str], seed: int = 1234, rise: float = 3.38, twi
         nums.append(z)
         poss.append(x @ rot.T + [0.0, 0.0, rise * k])
     return Atoms(numbers=np.concatenate(nums), positions=np.concatenate(poss))
+
+
+# ---------------------------------------------------------------------------------------------
+# MD22 buckyball catcher (C120H28, 148 atoms)
+
+#: Sygula's buckycatcher C60H28: a tetrabenzocyclooctatetraene (tetraphenylene) tether whose two
+#: opposite benzo rings (on the same face of the tub-shaped COT) are fused to a corannulene rim
+#: bond, i.e. two benzocorannulene pincers. RDKit formula C60H28 (checked in the tests).
+BUCKYCATCHER_SMILES = ("c1ccc2c(c1)-c1cc3c(cc1-c1ccccc1-c1cc4c(cc1-2)c1ccc2ccc5ccc6ccc4c4c6c5c2c14)"
+                       "c1ccc2ccc4ccc5ccc3c3c5c4c2c13")
+
+
+# ---------------------------------------------------------------------------------------------
+# MD22 double-walled nanotube (370 atoms)
+
+#: (n, rings) of the inner and outer (n, n) armchair tubes; C-H bond length of the end caps (Å)
+DWNT_INNER = (10, 6)
+DWNT_OUTER = (15, 5)
+CH_BOND = 1.09
+
+
+def _armchair_segment(n: int, levels: int) -> np.ndarray:
+    """C positions of an (n, n) tube with `levels` rings of 2n atoms, axis = z through the origin,
+    centred at z = 0."""
+    from ase.build import nanotube
+
+    t = nanotube(n, n, length=levels // 2 + 2, bond=1.42)
+    x = t.positions.copy()
+    zr = np.round(x[:, 2], 2)
+    zs = np.unique(zr)  # the first and last level are cut by the periodic cell: skip the first
+    x = x[(zr >= zs[1]) & (zr <= zs[levels])]
+    if len(x) != 2 * n * levels:
+        raise DataError(f"nanotube: ({n},{n}) segment has {len(x)} C, expected {2 * n * levels}")
+    x[:, :2] -= x[:, :2].mean(axis=0)
+    x[:, 2] -= 0.5 * (x[:, 2].min() + x[:, 2].max())
+    return x
+
+
+def _cap_with_h(c: np.ndarray) -> np.ndarray:
+    """H positions (CH_BOND Å from C, along minus the sum of the unit C-C bond vectors) for every
+    C with fewer than 3 C neighbours within 1.75 Å."""
+    d = np.linalg.norm(c[:, None] - c[None], axis=-1)
+    np.fill_diagonal(d, np.inf)
+    hs = []
+    for i in range(len(c)):
+        nb = np.flatnonzero(d[i] < 1.75)
+        if len(nb) >= 3:
+            continue
+        if len(nb) != 2:
+            raise DataError(f"nanotube: end carbon {i} has {len(nb)} C neighbours")
+        u = sum((c[i] - c[j]) / d[i, j] for j in nb)
+        hs.append(c[i] + CH_BOND * u / np.linalg.norm(u))
+    return np.array(hs)
+
+
+def build_double_walled_nanotube(seed: int = 1234):
+    """MD22-like double-walled carbon nanotube, 370 atoms, H-capped: C270H100.
+
+    Inner (10,10) armchair tube with 6 rings of 20 C (120 C, 6.2 Å long), outer (15,15) armchair
+    tube with 5 rings of 30 C (150 C, 4.9 Å long), both from ``ase.build.nanotube`` (C-C 1.42 Å),
+    coaxial (z axis) and centred at the same point; wall spacing 10.17 - 6.78 = 3.39 Å. Every end
+    carbon (2 C neighbours) gets one H at 1.09 Å along the outward bisector: 2 x 20 + 2 x 30 = 100 H.
+    MD22's system is C266H104 (also 370 atoms); with clean armchair/zigzag H-capped ends that exact
+    formula needs a 2.7 Å (armchair (11,11)@(15,15)) or 3.1 Å (zigzag, Klein edge) wall spacing,
+    so the closest 370-atom system at ~3.4 Å spacing is built instead.
+    Relaxation: none (ase's ideal rolled-graphene geometry, C-H at 1.09 Å); `seed` is unused, the
+    geometry is deterministic.
+    """
+    from ase import Atoms
+
+    del seed
+    parts = [_armchair_segment(n, lv) for n, lv in (DWNT_INNER, DWNT_OUTER)]
+    cs, hs = [], []
+    for c in parts:
+        cs.append(c)
+        hs.append(_cap_with_h(c))
+    c, h = np.concatenate(cs), np.concatenate(hs)
+    return Atoms(numbers=[6] * len(c) + [1] * len(h), positions=np.concatenate([c, h]))
