@@ -14,8 +14,8 @@ HERE = Path(__file__).resolve().parent
 
 def parse(description: str, steps: int) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--model", default="md17_aspirin.pt", help="shipped model name or path")
-    p.add_argument("--structure", default=str(HERE / "aspirin.xyz"), help="starting geometry")
+    p.add_argument("--model", default="md17_ethanol.pt", help="shipped model name or path")
+    p.add_argument("--structure", default=str(HERE / "ethanol.xyz"), help="starting geometry")
     p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--float32", action="store_true", help="float32 (default: float64 on CPU, float32 on CUDA)")

@@ -1,6 +1,6 @@
 """Langevin (NVT) molecular dynamics at 300 K with an SE3Set model.
 
-    python examples/md_langevin.py [--model md17_aspirin.pt] [--steps 400] [--device auto]
+    python examples/md_langevin.py [--model md17_ethanol.pt] [--steps 400] [--device auto]
 """
 import numpy as np
 from ase import units

@@ -1,6 +1,6 @@
 """NVE molecular dynamics (velocity Verlet, 0.5 fs) with an SE3Set model; prints the energy drift.
 
-    python examples/md_nve.py [--model md17_aspirin.pt] [--steps 400] [--device auto]
+    python examples/md_nve.py [--model md17_ethanol.pt] [--steps 400] [--device auto]
 """
 import time
 

@@ -1,6 +1,6 @@
 """Geometry optimisation (BFGS, fmax 0.01 eV/Å) with an SE3Set model.
 
-    python examples/optimize_bfgs.py [--model md17_aspirin.pt] [--steps 500] [--device auto]
+    python examples/optimize_bfgs.py [--model md17_ethanol.pt] [--steps 500] [--device auto]
 """
 from ase.optimize import BFGS
 
