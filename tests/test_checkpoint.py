@@ -115,30 +115,29 @@ def test_bare_state_dict_is_refused(model, tmp_path):
         load_model(path)
 
 
-def test_missing_entry(model, tmp_path):
+def _drop_state_dict(p):
+    del p["state_dict"]
+
+
+def _fewer_blocks(p):
+    p["config"]["num_blocks"] = 3
+
+
+def _unknown_field(p):
+    p["config"]["no_such_field"] = 1
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (_drop_state_dict, "state_dict"),            # a missing entry
+    (_fewer_blocks, "weights do not match"),     # weights that do not fit the config
+    (_unknown_field, "config"),                  # a config field this version does not know
+])
+def test_inconsistent_file(model, tmp_path, corrupt, message):
     path = save_model(model, tmp_path / "m.pt")
     payload = torch.load(path, weights_only=True)
-    del payload["state_dict"]
+    corrupt(payload)
     torch.save(payload, path)
-    with pytest.raises(ModelFileError, match="state_dict"):
-        load_model(path)
-
-
-def test_weights_not_matching_config(model, tmp_path):
-    path = save_model(model, tmp_path / "m.pt")
-    payload = torch.load(path, weights_only=True)
-    payload["config"]["num_blocks"] = 3
-    torch.save(payload, path)
-    with pytest.raises(ModelFileError, match="weights do not match"):
-        load_model(path)
-
-
-def test_bad_config(model, tmp_path):
-    path = save_model(model, tmp_path / "m.pt")
-    payload = torch.load(path, weights_only=True)
-    payload["config"]["no_such_field"] = 1
-    torch.save(payload, path)
-    with pytest.raises(ModelFileError, match="config"):
+    with pytest.raises(ModelFileError, match=message):
         load_model(path)
 
 
