@@ -29,8 +29,6 @@ def test_bad_smiles_and_unsupported_element(tmp_path):
         sample("C1CC(", tmp_path / "x.extxyz", 1, **FAST)
     with pytest.raises(DataError, match=r"U \(Z=92\) not covered by GFN2-xTB"):
         sample("[U]", tmp_path / "x.extxyz", 1, **FAST)
-    with pytest.raises(DataError, match="built-in geometry for buckyball-catcher .* not available yet"):
-        sample("buckyball-catcher", tmp_path / "x.extxyz", 1, **FAST)
     assert not (tmp_path / "x.extxyz").exists()
 
 

@@ -33,10 +33,90 @@ def test_double_walled_nanotube():
     assert len(topo.bonds) == (270 * 3 - 100) // 2 + 100
 
 
-def test_buckycatcher_smiles_and_not_built_yet():
+def test_double_walled_nanotube_fragments_in_bounded_memory(tmp_path):
+    """Regression: the symmetrised SSSR of a nanotube exhausts memory (> 20 GB); fragmentation
+    must finish quickly under a 3 GB address-space limit (run in a child process)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import resource; resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))\n"
+        "from se3set_ase.data.systems import build_system\n"
+        "from se3set_ase.fragment import Fragmenter, FragmentSettings\n"
+        "atoms, _ = build_system('nanotube')\n"
+        "hg = Fragmenter(FragmentSettings.preset('md22'))(atoms)\n"
+        "print(int(hg.batch.numel()), len(hg.token_anchor))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    n_atoms, n_tokens = map(int, out.stdout.split())
+    assert n_atoms == 370 and n_tokens > 370
+
+
+def _bowls(atoms):
+    """(hub-centroid to C60-centre distance Å, bowl depth Å, cos(concave axis, hub->C60)) per
+    corannulene of the catcher (atoms 0-87 in the SMILES' RDKit order, C60 = atoms 88-147)."""
+    from rdkit import Chem
+
+    from se3set_ase.data.buckycatcher import catcher_rings
+
+    hub1, hub2, _ = catcher_rings(Chem.AddHs(Chem.MolFromSmiles(BUCKYCATCHER_SMILES)))
+    x = atoms.positions
+    centre = x[88:].mean(0)
+    out = []
+    for hub in (hub1, hub2):
+        h = x[hub].mean(0)
+        bowl = [i for i in range(88) if atoms.numbers[i] == 6 and np.linalg.norm(x[i] - h) < 3.8]
+        assert len(bowl) == 20  # the corannulene carbons
+        axis = x[bowl].mean(0) - h  # from the hub towards the rim: the concave side
+        to_ball = centre - h
+        out.append((np.linalg.norm(to_ball), np.linalg.norm(axis),
+                    axis @ to_ball / np.linalg.norm(axis) / np.linalg.norm(to_ball)))
+    return out
+
+
+def test_buckyball_catcher_builtin():
     from rdkit import Chem
     from rdkit.Chem.rdMolDescriptors import CalcMolFormula
 
     assert CalcMolFormula(Chem.MolFromSmiles(BUCKYCATCHER_SMILES)) == "C60H28"
-    with pytest.raises(DataError, match="buckyball-catcher .* not available yet"):
-        build_system("buckyball-catcher")
+    atoms, name = build_system("buckyballcatcher")
+    assert name == "buckyball-catcher" and len(atoms) == 148
+    assert atoms.get_chemical_formula() == "C120H28"
+    assert list(atoms.numbers[:88]) == [a.GetAtomicNum() for a in
+                                        Chem.AddHs(Chem.MolFromSmiles(BUCKYCATCHER_SMILES)).GetAtoms()]
+    _check_hydrocarbon(atoms)
+    x = atoms.positions
+    ball = x[88:]
+    r = np.linalg.norm(ball - ball.mean(0), axis=1)
+    assert abs(r.mean() - 3.52) < 0.05 and r.std() < 0.02  # C60 intact
+    contact = np.linalg.norm(x[:88, None] - ball[None], axis=-1).min()
+    assert 2.6 < contact < 3.3  # van der Waals contact, no bond between catcher and ball
+    for dist, depth, cos in _bowls(atoms):
+        assert 6.0 < dist < 7.2  # the ball sits in the cleft, on both hubs
+        assert depth > 0.4  # corannulene is a bowl (MMFF would make it flat)
+        assert cos > 0.95  # concave side facing the ball
+    from se3set_ase.fragment import Fragmenter, FragmentSettings
+
+    hg = Fragmenter(FragmentSettings.preset("md22"))(atoms)
+    assert int(hg.batch.numel()) == 148
+
+
+def test_buckyball_catcher_construction_is_reproducible():
+    """Steps 1-2 of se3set_ase.data.buckycatcher (the MMFF open catcher + C60) are deterministic
+    and put the ball in the cleft without contact closer than 3 Å; the shipped file is the
+    GFN2-xTB minimum reached from that start, a stationary point of GFN2-xTB."""
+    from se3set_ase.data.buckycatcher import MIN_CONTACT_A, initial_guess
+
+    a, b = initial_guess(), initial_guess()
+    assert np.array_equal(a.positions, b.positions)
+    assert np.linalg.norm(a.positions[:88, None] - a.positions[None, 88:], axis=-1).min() > MIN_CONTACT_A
+    for dist, _, cos in _bowls(a):
+        assert 7.0 < dist < 8.5 and cos > 0.8
+    shipped, _ = build_system("buckyball-catcher")
+    assert np.array_equal(shipped.numbers, a.numbers)
+    pytest.importorskip("tblite.ase")
+    from tblite.ase import TBLite
+
+    shipped.calc = TBLite(method="GFN2-xTB", verbosity=0)
+    assert np.linalg.norm(shipped.get_forces(), axis=1).max() < 0.035  # eV/Å, relaxed to 0.03

@@ -11,7 +11,7 @@ import numpy as np
 from .errors import DataError
 
 __all__ = ["BUILTIN_SMILES", "NOT_BUILT", "GFN2_MAX_Z", "build_system", "builtin_names",
-           "BUCKYCATCHER_SMILES", "build_double_walled_nanotube"]
+           "BUCKYCATCHER_SMILES", "build_double_walled_nanotube", "read_buckyball_catcher"]
 
 #: tblite's GFN2-xTB parametrisation covers H..Rn
 GFN2_MAX_Z = 86
@@ -34,12 +34,11 @@ BUILTIN_SMILES = {
     "stachyose": "OC[C@H]1O[C@H](OC[C@H]2O[C@H](OC[C@H]3O[C@@H](O[C@]4(CO)O[C@H](CO)[C@@H](O)"
                  "[C@@H]4O)[C@H](O)[C@@H](O)[C@@H]3O)[C@H](O)[C@@H](O)[C@H]2O)[C@H](O)[C@@H](O)[C@H]1O",
 }
-#: MD22 systems without a built-in geometry yet: the buckyball catcher, 148 atoms = C60 + C60H28
-#: (ETKDG + MMFF of :data:`BUCKYCATCHER_SMILES` does not give the open pincer around C60).
-#: Pass a structure file.
-NOT_BUILT: dict[str, int] = {"buckyball-catcher": 148}
-#: built by a function rather than from a SMILES (name -> number of atoms)
-BUILT_BY_FUNCTION = {"double-walled_nanotube": 370}
+#: MD22 systems without a built-in geometry (name -> number of atoms): none left.
+NOT_BUILT: dict[str, int] = {}
+#: built by a function rather than from a SMILES (name -> number of atoms); the buckyball
+#: catcher C60@C60H28 is read from the GFN2-xTB minimum made by ``se3set_ase.data.buckycatcher``
+BUILT_BY_FUNCTION = {"buckyball-catcher": 148, "double-walled_nanotube": 370}
 
 # DNA bases as in MD22 (no sugar, N9/N1 hydrogens): A C5H5N5, T C5H6N2O2, G C5H5N5O, C C4H5N3O.
 # Atom map numbers mark the Watson-Crick hydrogen-bond partners (donor heavy atom : acceptor).
@@ -120,6 +119,8 @@ def build_system(system: str, seed: int = 1234):
         return build_base_stack(STACKS[name], seed), name
     if name == "double-walled_nanotube":
         return build_double_walled_nanotube(seed), name
+    if name == "buckyball-catcher":
+        return read_buckyball_catcher(), name
     if name in NOT_BUILT:
         raise DataError(f"built-in geometry for {name} ({NOT_BUILT[name]} atoms) is not available "
                         f"yet; pass a structure file (e.g. one frame of md22_{name}.npz written as "
@@ -247,6 +248,18 @@ def build_base_stack(pairs: list[str], seed: int = 1234, rise: float = 3.38, twi
 #: bond, i.e. two benzocorannulene pincers. RDKit formula C60H28 (checked in the tests).
 BUCKYCATCHER_SMILES = ("c1ccc2c(c1)-c1cc3c(cc1-c1ccccc1-c1cc4c(cc1-2)c1ccc2ccc5ccc6ccc4c4c6c5c2c14)"
                        "c1ccc2ccc4ccc5ccc3c3c5c4c2c13")
+
+
+def read_buckyball_catcher():
+    """C60@C60H28 (148 atoms: catcher 0-87 in the RDKit order of :data:`BUCKYCATCHER_SMILES`
+    with H added, C60 88-147) at its GFN2-xTB minimum; see :mod:`se3set_ase.data.buckycatcher`
+    for how the file was made (``seed`` does not apply: the geometry is fixed)."""
+    import ase.io
+    from ase import Atoms
+
+    path = Path(__file__).resolve().parent / "geometries" / "buckyball-catcher.xyz"
+    atoms = ase.io.read(str(path), format="xyz")
+    return Atoms(atoms.numbers, atoms.positions)
 
 
 # ---------------------------------------------------------------------------------------------

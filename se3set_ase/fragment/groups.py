@@ -2,8 +2,11 @@
 
 Union of (1) every bond with Kekulé order > ``topo_bo_threshold`` and every bond to H; (2) all
 atoms of each functional-group (FG) SMARTS match, overlapping matches unioned; (3) ring systems:
-RDKit's symmetrised SSSR (a minimum cycle basis), cycles of <= 8 atoms, cycles sharing atoms
-unioned, plus every FG that contains a ring-system atom. Groups are the connected components.
+RDKit's SSSR (a minimum cycle basis), cycles of <= 8 atoms, cycles sharing atoms unioned, plus
+every FG that contains a ring-system atom. Groups are the connected components. (Not the
+*symmetrised* SSSR: it adds every symmetry-equivalent ring of the basis, and a nanotube's
+circumferential cycles have so many equivalents that RDKit runs out of memory. The ring systems
+made of the small rings are the same either way for every molecule in the tests.)
 
 FG union decision: the reference also meant to union FGs *joined by a bond*, but its step is
 half-broken (it always takes one fixed end of a bond as the neighbour, so it acts on an arbitrary,
@@ -83,7 +86,7 @@ def topology_mol(topo: Topology):
     orders = [o for _, _, o in topo.bonds]
     mol = _rdkit_mol(np.array(topo.numbers), None, pairs, orders, topo.formal_charges).GetMol()
     mol.UpdatePropertyCache(strict=False)
-    Chem.GetSymmSSSR(mol)
+    Chem.GetSSSR(mol)
     return mol
 
 
