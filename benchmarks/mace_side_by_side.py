@@ -146,6 +146,7 @@ class Source:
     energy_key: str | None
     forces_key: str | None
     metrics: dict[str, Any]
+    block: int = 1  # split_block of the training run (contiguous blocks of frames)
 
 
 def _flag(command: str, name: str) -> str | None:
@@ -198,6 +199,7 @@ def read_source(model: str, data: str | None) -> Source:
                          f"on {recorded})")
     return Source(model_path=path, data_path=data_path.resolve(),
                   sizes={k: int(fr[k]) for k in ("train", "valid", "test")}, seed=int(tr["seed"]),
+                  block=int(tr.get("split_block", 1)),
                   wall_time_s=tr.get("wall_time_s"), epochs=tr.get("epochs"),
                   device=tr.get("device"), parameters=tr.get("parameters"),
                   energy_key=_flag(cmd, "--energy-key"), forces_key=_flag(cmd, "--forces-key"),
@@ -211,7 +213,8 @@ def load_split(src: Source) -> tuple[list, dict[str, np.ndarray]]:
     s = src.sizes
     try:
         frames = read_frames(src.data_path, energy_key=src.energy_key, forces_key=src.forces_key)
-        split = split_indices(len(frames), train=s["train"], valid=s["valid"], test=s["test"], seed=src.seed)
+        split = split_indices(len(frames), train=s["train"], valid=s["valid"], test=s["test"], seed=src.seed,
+                              block=src.block)
     except DataError as exc:
         raise BenchError(f"{exc} (split recorded in the model: {s}, seed {src.seed})") from None
     return frames, split

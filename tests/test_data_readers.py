@@ -165,6 +165,31 @@ def test_frame_roundtrip():
     assert u.to_atoms().calc is None and not u.has_labels
 
 
+def test_split_indices_in_contiguous_blocks():
+    """block > 1: whole blocks of consecutive frames go to one set (correlated MD neighbours stay
+    together); only the blocks at the two set boundaries are shared; block=1 is the plain split."""
+    n, block = 2000, 20
+    s = split_indices(n, train=1800, valid=100, test=100, seed=0, block=block)
+    assert [len(s[k]) for k in ("train", "valid", "test")] == [1800, 100, 100]
+    assert len(np.unique(np.concatenate(list(s.values())))) == n
+    owner = np.full(n, -1)
+    for k, name in enumerate(("train", "valid", "test")):
+        owner[s[name]] = k
+    mixed = [b for b in range(n // block) if len(set(owner[b * block:(b + 1) * block])) > 1]
+    assert len(mixed) <= 2
+    # a test frame's neighbours 1 frame away are test frames too, except at block edges
+    t = set(s["test"].tolist())
+    inner = sum((i + 1 in t) for i in t)
+    assert inner >= len(t) - 2 * len(t) // block - 2
+    random = split_indices(n, train=1800, valid=100, test=100, seed=0)
+    assert sum((i + 1 in set(random["test"].tolist())) for i in random["test"]) < 20
+    assert all((split_indices(n, 1800, 100, 100, seed=0, block=1)[k] == random[k]).all() for k in random)
+    odd = split_indices(105, train=80, valid=10, test=15, seed=1, block=20)  # last block shorter
+    assert sorted(np.concatenate(list(odd.values())).tolist()) == list(range(105))
+    with pytest.raises(DataError, match="split block"):
+        split_indices(100, 80, 10, block=0)
+
+
 def test_split_indices_ints_fracs_and_errors(tmp_path):
     s = split_indices(1000, train=950, valid=50, seed=3)
     assert len(s["train"]) == 950 and len(s["valid"]) == 50 and len(s["test"]) == 0

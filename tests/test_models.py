@@ -131,7 +131,8 @@ def test_forces_on_own_test_frames(model_path):
     frames = read_frames(data)
     assert len(frames) == card["split"]["n"], f"{data} changed since the card was made"
     s = card["split"]
-    split = split_indices(s["n"], train=s["train"], valid=s["valid"], test=s["test"], seed=s["seed"])
+    split = split_indices(s["n"], train=s["train"], valid=s["valid"], test=s["test"], seed=s["seed"],
+                          block=s.get("block", 1))
     pf = card["per_frame"]["test"]
     assert split["test"].tolist() == pf["frame_index"]
     pick = np.unique(np.linspace(0, len(pf["frame_index"]) - 1, N_FRAMES).round().astype(int))

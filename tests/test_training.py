@@ -190,3 +190,25 @@ def test_bad_inputs(tmp_path):
     (corrupt / "last.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(TrainingError, match="truncated or corrupt"):
         fit(config(unlabelled, corrupt), resume=True)
+
+
+def test_split_block_from_the_command_line(data_file, tmp_path):
+    """`fit --split-block 5`: the sets are made of contiguous 5-frame blocks (MD trajectories),
+    with the same indices as `split_indices(..., block=5)`."""
+    import argparse
+
+    from se3set_ase.data import split_indices
+    from se3set_ase.training.cli import add_arguments, config_from_args
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args([str(data_file), "--out-dir", str(tmp_path / "run"), "--train-size", "30",
+                         "--valid-size", "5", "--test-size", "5", "--split-block", "5", "--seed", "2"])
+    cfg = config_from_args(args)
+    assert cfg.split_block == 5
+    _, sets, split, _ = prepare_data(cfg)
+    want = split_indices(40, 30, 5, 5, seed=2, block=5)
+    assert all((split[k] == want[k]).all() for k in want)
+    assert [len(sets[k]) for k in ("train", "valid", "test")] == [30, 5, 5]
+    for k in ("valid", "test"):  # each a whole block here (5 = block and 30 is a multiple of 5)
+        assert np.array_equal(split[k], np.arange(split[k][0], split[k][0] + 5)) and split[k][0] % 5 == 0

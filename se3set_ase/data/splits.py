@@ -34,16 +34,23 @@ def _count(size, n: int, what: str) -> int:
     raise DataError(f"{what} size must be an int or a float, not {type(size).__name__}")
 
 
-def split_indices(n: int, train=0.8, valid=0.1, test=None, seed: int = 0) -> dict[str, np.ndarray]:
+def split_indices(n: int, train=0.8, valid=0.1, test=None, seed: int = 0,
+                  block: int = 1) -> dict[str, np.ndarray]:
     """Disjoint random index sets {"train", "valid", "test"} over range(n).
 
     Sizes are ints (frames, e.g. the MD17 protocol train=950, valid=50) or floats (fractions of
-    n). test=None takes all remaining frames. The permutation is
-    `np.random.default_rng(seed).permutation(n)`: train is its first part, then valid, then
-    test; each set is returned sorted (int64)."""
+    n). test=None takes all remaining frames. With ``block == 1`` the order is
+    `np.random.default_rng(seed).permutation(n)`; with ``block > 1`` the frames are cut into
+    contiguous blocks of ``block`` frames (the last may be shorter), the blocks are permuted by
+    `default_rng(seed).permutation(n_blocks)` and the order is their frames one block after the
+    other, so that correlated neighbours of an MD trajectory land in the same set (only the
+    two blocks at the set boundaries are shared). Train is the first part of the order, then
+    valid, then test; each set is returned sorted (int64)."""
     n = int(n)
     if n <= 0:
         raise DataError(f"cannot split {n} frames")
+    if int(block) != block or block < 1:
+        raise DataError(f"split block must be a positive number of frames, not {block!r}")
     k_train = _count(train, n, "train")
     k_valid = _count(valid, n, "valid")
     if k_train + k_valid > n:
@@ -53,7 +60,13 @@ def split_indices(n: int, train=0.8, valid=0.1, test=None, seed: int = 0) -> dic
     if k_train + k_valid + k_test > n:
         raise DataError(f"train ({k_train}) + valid ({k_valid}) + test ({k_test}) = "
                         f"{k_train + k_valid + k_test} frames exceeds the {n} frames available")
-    perm = np.random.default_rng(seed).permutation(n)
+    block = int(block)
+    if block == 1:
+        perm = np.random.default_rng(seed).permutation(n)
+    else:
+        blocks = np.random.default_rng(seed).permutation(-(-n // block))
+        perm = (blocks[:, None] * block + np.arange(block)[None, :]).reshape(-1)
+        perm = perm[perm < n]
     a, b = k_train, k_train + k_valid
     return {"train": np.sort(perm[:a]).astype(np.int64),
             "valid": np.sort(perm[a:b]).astype(np.int64),

@@ -35,6 +35,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-size", type=_size, help="frames (int) or fraction for training; default: the rest")
     p.add_argument("--valid-size", "--valid-fraction", dest="valid_size", type=_size, default=0.05)
     p.add_argument("--test-size", type=_size, default=0.0, help="frames or fraction held out as test set")
+    p.add_argument("--split-block", type=int, default=1, metavar="FRAMES",
+                   help="split by contiguous blocks of FRAMES frames (one MD trajectory: choose more "
+                        "frames than its correlation time, e.g. 20 for frames 10 fs apart); default 1: "
+                        "frames at random")
     p.add_argument("--preset", default="small", choices=ModelConfig.preset_names())
     p.add_argument("--model", default="{}", help='JSON overrides of the model config, e.g. \'{"num_blocks": 4}\'')
     p.add_argument("--fragment", default="auto", choices=["auto", "md17", "md22"])
@@ -70,7 +74,7 @@ def config_from_args(args: argparse.Namespace):
         data=args.data, out_dir=args.out_dir or f"runs/{name}", output=args.output,
         valid_file=args.valid_file, test_file=args.test_file, energy_key=args.energy_key,
         forces_key=args.forces_key, train_size=args.train_size, valid_size=args.valid_size,
-        test_size=args.test_size, preset=args.preset, model_overrides=json.loads(args.model),
+        test_size=args.test_size, split_block=args.split_block, preset=args.preset, model_overrides=json.loads(args.model),
         fragment=args.fragment, element_energies={int(k): float(v) for k, v in e_ref.items()} if e_ref else None,
         dtype=args.dtype, device=args.device, epochs=args.epochs, max_steps=args.max_steps,
         batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,

@@ -57,6 +57,7 @@ class TrainConfig:
     train_size: float | None = None  # int count or fraction; None: all not in valid/test
     valid_size: float = 0.05
     test_size: float | None = 0.0  # None: the rest
+    split_block: int = 1  # frames per contiguous block of the split (MD trajectories: > correlation time)
     preset: str = "small"
     model_overrides: dict[str, Any] = field(default_factory=dict)
     fragment: str = "auto"  # "md17" (explicit), "md22" (implicit) or "auto" (md17 up to 25 atoms)
@@ -237,7 +238,8 @@ def prepare_data(cfg: TrainConfig, settings: FragmentSettings | None = None):
         nv = int(valid_default) if valid_default >= 1 else int(round(valid_default * n))
         nt = 0 if test_size is None else (int(test_size) if test_size >= 1 else int(round(test_size * n)))
         train = n - nv - nt
-    split = split_indices(len(frames), train=_num(train), valid=_num(valid_default), test=_num(test_size), seed=cfg.seed)
+    split = split_indices(len(frames), train=_num(train), valid=_num(valid_default), test=_num(test_size), seed=cfg.seed,
+                          block=cfg.split_block)
     sets = {k: data.subset(v) for k, v in split.items()}
     for name, f in (("valid", cfg.valid_file), ("test", cfg.test_file)):
         if f:
@@ -477,6 +479,7 @@ def fit(cfg: TrainConfig, resume: bool = False, argv: list[str] | None = None) -
         meta = {"training": {"data": data_info["source"], "command": state["commands"][0],
                              "commands": state["commands"],  # the first, then each --resume
                              "frames": {k: len(v) for k, v in sets.items()},
+                             "split_block": cfg.split_block,
                              "preset": cfg.preset, "parameters": count_parameters(final),
                              "steps": state["step"], "epochs": state["epoch"], "stopped": stopped or "done",
                              "wall_time_s": state["elapsed"],
