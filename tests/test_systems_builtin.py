@@ -104,8 +104,8 @@ def test_buckyball_catcher_builtin():
 
 def test_buckyball_catcher_construction_is_reproducible():
     """Steps 1-2 of se3set_ase.data.buckycatcher (the MMFF open catcher + C60) are deterministic
-    and put the ball in the cleft without contact closer than 3 Å; the shipped file is the
-    GFN2-xTB minimum reached from that start, a stationary point of GFN2-xTB."""
+    and put the ball in the cleft without contact closer than 3 Å (the shipped file is the
+    GFN2-xTB minimum reached from there: test_shipped_geometries_are_relaxed_starts)."""
     from se3set_ase.data.buckycatcher import MIN_CONTACT_A, initial_guess
 
     a, b = initial_guess(), initial_guess()
@@ -113,10 +113,21 @@ def test_buckyball_catcher_construction_is_reproducible():
     assert np.linalg.norm(a.positions[:88, None] - a.positions[None, 88:], axis=-1).min() > MIN_CONTACT_A
     for dist, _, cos in _bowls(a):
         assert 7.0 < dist < 8.5 and cos > 0.8
-    shipped, _ = build_system("buckyball-catcher")
-    assert np.array_equal(shipped.numbers, a.numbers)
+
+
+@pytest.mark.parametrize("name", ["AT-AT", "AT-AT-CG-CG", "buckyball-catcher"])
+def test_shipped_geometries_are_relaxed_starts(name):
+    """Each shipped geometry has its start's atoms in the same order, stayed near it (nothing
+    flew apart) and is a GFN2-xTB stationary point (relaxed to 0.03 eV/Å)."""
+    from se3set_ase.data.geometries import START, read_geometry
+
+    shipped, start = read_geometry(name), START[name](name)
+    assert np.array_equal(shipped.numbers, start.numbers)
+    disp = np.linalg.norm(shipped.positions - start.positions, axis=1)
+    assert disp.max() < 4.0, disp.max()
+    assert np.ptp(shipped.positions, axis=0).max() < np.ptp(start.positions, axis=0).max() + 1.0
     pytest.importorskip("tblite.ase")
     from tblite.ase import TBLite
 
     shipped.calc = TBLite(method="GFN2-xTB", verbosity=0)
-    assert np.linalg.norm(shipped.get_forces(), axis=1).max() < 0.035  # eV/Å, relaxed to 0.03
+    assert np.linalg.norm(shipped.get_forces(), axis=1).max() < 0.035

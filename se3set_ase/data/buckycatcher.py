@@ -1,7 +1,8 @@
 """The MD22 buckyball catcher, C60@C60H28 (148 atoms): how the shipped geometry is built.
 
-``geometries/buckyball-catcher.xyz`` is the output of ``python -m se3set_ase.data.buckycatcher``
-(about 15 min on one core); :func:`se3set_ase.data.systems.build_system` reads that file.
+``geometries/buckyball-catcher.xyz`` is the output of
+``python -m se3set_ase.data.geometries buckyball-catcher`` (about 15 min on one core), which relaxes
+:func:`initial_guess`; :func:`se3set_ase.data.systems.build_system` reads that file.
 
 Why not ETKDG + MMFF as for the other built-ins: MMFF94 keeps corannulene flat (bowl depth
 0.01 Å against ~0.9 Å measured), so no force field in RDKit can wrap the pincers around C60.
@@ -20,15 +21,12 @@ to C60 centre 6.5-6.6 Å, closest catcher-C60 contact 2.9 Å.
 """
 from __future__ import annotations
 
-import argparse
 import itertools
-from pathlib import Path
 
 import numpy as np
 
 from .systems import BUCKYCATCHER_SMILES
 
-GEOMETRY = Path(__file__).resolve().parent / "geometries" / "buckyball-catcher.xyz"
 HUB_DISTANCE_A = (13.0, 14.5)  # MMFF restraint on every hub-atom pair of the two corannulenes
 MIN_CONTACT_A = 3.0
 
@@ -87,34 +85,3 @@ def initial_guess(seed: int = 1):
         raise RuntimeError("no place for C60 in the catcher's cleft")
     symbols = [a.GetSymbol() for a in mol.GetAtoms()] + ["C"] * 60
     return Atoms(symbols, np.concatenate([x, ball + centre]))
-
-
-def relax(atoms, fmax: float = 0.03, steps: int = 1000, log: str | None = "-"):
-    """GFN2-xTB (tblite) L-BFGS relaxation in place, to max |F| <= fmax (eV/Å)."""
-    from ase.optimize import LBFGS
-    from tblite.ase import TBLite
-
-    atoms.calc = TBLite(method="GFN2-xTB", verbosity=0)
-    opt = LBFGS(atoms, logfile=log, maxstep=0.2)
-    if not opt.run(fmax=fmax, steps=steps):
-        raise RuntimeError(f"GFN2-xTB relaxation did not reach fmax {fmax} in {steps} steps")
-    return atoms
-
-
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Build the relaxed C60@C60H28 buckyball catcher.")
-    p.add_argument("-o", "--output", default=str(GEOMETRY), help="xyz file (default: %(default)s)")
-    p.add_argument("--fmax", type=float, default=0.03, help="eV/Å (default: %(default)s)")
-    args = p.parse_args(argv)
-    atoms = relax(initial_guess())
-    energy = atoms.get_potential_energy()
-    fmax = float(np.linalg.norm(atoms.get_forces(), axis=1).max())
-    atoms.calc = None
-    comment = (f"C60@C60H28 buckyball catcher, GFN2-xTB (tblite) minimum, E = {energy:.6f} eV, "
-               f"max|F| = {fmax:.4f} eV/A; made by python -m se3set_ase.data.buckycatcher")
-    atoms.write(args.output, format="xyz", comment=comment)
-    print(f"wrote {args.output}: {comment}")
-
-
-if __name__ == "__main__":
-    main()

@@ -109,14 +109,21 @@ def embed_smiles(smiles: str, seed: int = 1234, what: str | None = None):
 
 
 def build_system(system: str, seed: int = 1234):
-    """(atoms, name) for SYSTEM: a built-in name, an existing structure file or a SMILES."""
+    """(atoms, name) for SYSTEM: a built-in name, an existing structure file or a SMILES.
+
+    SMILES molecules are embedded with ETKDG (``seed``) and relaxed with MMFF. AT-AT,
+    AT-AT-CG-CG and the buckyball catcher are read from shipped GFN2-xTB minima
+    (:mod:`se3set_ase.data.geometries`), the nanotube is built from ideal rolled graphene: for
+    these four ``seed`` does not apply."""
     import ase.io
 
     name = _lookup(system)
     if name in BUILTIN_SMILES:
         return embed_smiles(BUILTIN_SMILES[name], seed, what=name), name
-    if name in STACKS:
-        return build_base_stack(STACKS[name], seed), name
+    if name in STACKS:  # the GFN2-xTB minimum of build_base_stack(STACKS[name], seed=1234)
+        from .geometries import read_geometry
+
+        return read_geometry(name), name
     if name == "double-walled_nanotube":
         return build_double_walled_nanotube(seed), name
     if name == "buckyball-catcher":
@@ -253,13 +260,10 @@ BUCKYCATCHER_SMILES = ("c1ccc2c(c1)-c1cc3c(cc1-c1ccccc1-c1cc4c(cc1-2)c1ccc2ccc5c
 def read_buckyball_catcher():
     """C60@C60H28 (148 atoms: catcher 0-87 in the RDKit order of :data:`BUCKYCATCHER_SMILES`
     with H added, C60 88-147) at its GFN2-xTB minimum; see :mod:`se3set_ase.data.buckycatcher`
-    for how the file was made (``seed`` does not apply: the geometry is fixed)."""
-    import ase.io
-    from ase import Atoms
+    for how it was built (``seed`` does not apply: the geometry is fixed)."""
+    from .geometries import read_geometry
 
-    path = Path(__file__).resolve().parent / "geometries" / "buckyball-catcher.xyz"
-    atoms = ase.io.read(str(path), format="xyz")
-    return Atoms(atoms.numbers, atoms.positions)
+    return read_geometry("buckyball-catcher")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,90 @@
+"""Shipped relaxed geometries of the built-in MD22 systems that have no SMILES route.
+
+``geometries/<name>.xyz`` holds the GFN2-xTB minimum of each system below, written by
+
+    python -m se3set_ase.data.geometries NAME [NAME ...]
+
+from a deterministic start (``START``) relaxed with tblite's GFN2-xTB and ASE's L-BFGS to
+max |F| <= 0.03 eV/Å on one thread. :func:`se3set_ase.data.systems.build_system` reads these files,
+so ``se3set-ase sample AT-AT`` starts from a relaxed structure without minutes of xTB first.
+
+- ``AT-AT`` (60 atoms), ``AT-AT-CG-CG`` (118): the Watson-Crick stacks of
+  :func:`se3set_ase.data.systems.build_base_stack` (seed 1234: MMFF bases placed as rigid bodies);
+- ``buckyball-catcher`` (148): see :mod:`se3set_ase.data.buckycatcher`.
+
+The double-walled nanotube (370 atoms) is not relaxed: one GFN2-xTB gradient takes ~30 s on one
+core here, a relaxation hours; it is built from ideal rolled graphene instead.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+GEOMETRY_DIR = Path(__file__).resolve().parent / "geometries"
+FMAX = 0.03  # eV/Å
+
+
+def _start(name: str):
+    from .buckycatcher import initial_guess
+    from .systems import STACKS, build_base_stack
+
+    if name == "buckyball-catcher":
+        return initial_guess()
+    return build_base_stack(STACKS[name], seed=1234)
+
+
+START = {"AT-AT": _start, "AT-AT-CG-CG": _start, "buckyball-catcher": _start}
+
+
+def path(name: str) -> Path:
+    return GEOMETRY_DIR / f"{name}.xyz"
+
+
+def read_geometry(name: str):
+    """ase.Atoms (no cell, no calculator) of the shipped relaxed geometry of ``name``."""
+    import ase.io
+    from ase import Atoms
+
+    atoms = ase.io.read(str(path(name)), format="xyz")
+    return Atoms(atoms.numbers, atoms.positions)
+
+
+def relax(atoms, fmax: float = FMAX, steps: int = 2000, log: str | None = "-"):
+    """GFN2-xTB (tblite) L-BFGS relaxation in place, to max |F| <= fmax (eV/Å)."""
+    from ase.optimize import LBFGS
+    from tblite.ase import TBLite
+
+    atoms.calc = TBLite(method="GFN2-xTB", verbosity=0)
+    opt = LBFGS(atoms, logfile=log, maxstep=0.2)
+    if not opt.run(fmax=fmax, steps=steps):
+        raise RuntimeError(f"GFN2-xTB relaxation did not reach fmax {fmax} in {steps} steps")
+    return atoms
+
+
+def build(name: str, output: Path | None = None, log: str | None = "-") -> Path:
+    """Relax ``START[name]`` and write it (xyz, comment with energy and max force)."""
+    atoms = relax(START[name](name), log=log)
+    energy = atoms.get_potential_energy()
+    fmax = float(np.linalg.norm(atoms.get_forces(), axis=1).max())
+    atoms.calc = None
+    out = Path(output) if output else path(name)
+    comment = (f"{name}, GFN2-xTB (tblite) minimum, E = {energy:.6f} eV, max|F| = {fmax:.4f} eV/A; "
+               f"made by python -m se3set_ase.data.geometries {name}")
+    atoms.write(str(out), format="xyz", comment=comment)
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="Relax and write the shipped built-in geometries.")
+    p.add_argument("names", nargs="+", choices=sorted(START))
+    p.add_argument("--out-dir", type=Path, default=None, help=f"default {GEOMETRY_DIR}")
+    args = p.parse_args(argv)
+    for name in args.names:
+        out = build(name, args.out_dir / f"{name}.xyz" if args.out_dir else None)
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
