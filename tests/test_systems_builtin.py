@@ -131,3 +131,28 @@ def test_shipped_geometries_are_relaxed_starts(name):
 
     shipped.calc = TBLite(method="GFN2-xTB", verbosity=0)
     assert np.linalg.norm(shipped.get_forces(), axis=1).max() < 0.035
+
+
+def test_relaxation_resumes_from_its_trajectory(tmp_path):
+    """A relaxation stopped early (here: a step limit; in practice a kill) continues from the
+    last frame of its trajectory instead of starting over."""
+    pytest.importorskip("tblite.ase")
+    from ase.build import molecule
+    from ase.io import Trajectory
+
+    from se3set_ase.data.geometries import relax
+
+    start = molecule("H2O")
+    start.positions[1] += [0.3, 0.0, 0.1]
+    traj = tmp_path / "w.traj"
+    with pytest.raises(RuntimeError, match="did not reach fmax"):
+        relax(start.copy(), steps=2, log=None, trajectory=traj)
+    stopped = Trajectory(str(traj))[-1].positions
+    first_frames = len(Trajectory(str(traj)))
+    resumed = start.copy()
+    done = relax(resumed, log=None, trajectory=traj)
+    frames = Trajectory(str(traj))
+    assert np.allclose(frames[first_frames].positions, stopped)  # continued from the stop
+    assert np.linalg.norm(done.get_forces(), axis=1).max() < 0.03
+    with pytest.raises(RuntimeError, match="another system"):
+        relax(molecule("NH3"), log=None, trajectory=traj)

@@ -12,8 +12,9 @@ so ``se3set-ase sample AT-AT`` starts from a relaxed structure without minutes o
   :func:`se3set_ase.data.systems.build_base_stack` (seed 1234: MMFF bases placed as rigid bodies);
 - ``buckyball-catcher`` (148): see :mod:`se3set_ase.data.buckycatcher`.
 
-The double-walled nanotube (370 atoms) is not relaxed: one GFN2-xTB gradient takes ~30 s on one
-core here, a relaxation hours; it is built from ideal rolled graphene instead.
+- ``double-walled_nanotube`` (370): :func:`se3set_ase.data.systems.build_double_walled_nanotube`
+  (ideal rolled graphene, H caps); one GFN2-xTB gradient takes ~30 s on one core, so its
+  relaxation runs for an hour or more and resumes from ``<output>.traj`` when killed.
 """
 from __future__ import annotations
 
@@ -28,14 +29,17 @@ FMAX = 0.03  # eV/Å
 
 def _start(name: str):
     from .buckycatcher import initial_guess
-    from .systems import STACKS, build_base_stack
+    from .systems import STACKS, build_base_stack, build_double_walled_nanotube
 
     if name == "buckyball-catcher":
         return initial_guess()
+    if name == "double-walled_nanotube":
+        return build_double_walled_nanotube()
     return build_base_stack(STACKS[name], seed=1234)
 
 
-START = {"AT-AT": _start, "AT-AT-CG-CG": _start, "buckyball-catcher": _start}
+START = {"AT-AT": _start, "AT-AT-CG-CG": _start, "buckyball-catcher": _start,
+         "double-walled_nanotube": _start}
 
 
 def path(name: str) -> Path:
@@ -51,28 +55,47 @@ def read_geometry(name: str):
     return Atoms(atoms.numbers, atoms.positions)
 
 
-def relax(atoms, fmax: float = FMAX, steps: int = 2000, log: str | None = "-"):
-    """GFN2-xTB (tblite) L-BFGS relaxation in place, to max |F| <= fmax (eV/Å)."""
+def relax(atoms, fmax: float = FMAX, steps: int = 2000, log: str | None = "-",
+          trajectory: Path | None = None):
+    """GFN2-xTB (tblite) L-BFGS relaxation in place, to max |F| <= fmax (eV/Å).
+
+    With ``trajectory`` every step is appended to that ASE .traj file, and a run that finds the
+    file continues from its last frame (a killed relaxation resumes; L-BFGS restarts its
+    curvature memory there)."""
+    from ase.io import Trajectory
     from ase.optimize import LBFGS
     from tblite.ase import TBLite
 
+    if trajectory is not None and Path(trajectory).is_file() and Path(trajectory).stat().st_size:
+        done = Trajectory(str(trajectory))
+        if len(done):
+            last = done[-1]
+            if not np.array_equal(last.numbers, atoms.numbers):
+                raise RuntimeError(f"{trajectory} holds another system: delete it to start over")
+            atoms.positions = last.positions
+        done.close()
     atoms.calc = TBLite(method="GFN2-xTB", verbosity=0)
+    traj = Trajectory(str(trajectory), "a", atoms) if trajectory is not None else None
     opt = LBFGS(atoms, logfile=log, maxstep=0.2)
+    if traj is not None:
+        opt.attach(traj.write, interval=1)
     if not opt.run(fmax=fmax, steps=steps):
         raise RuntimeError(f"GFN2-xTB relaxation did not reach fmax {fmax} in {steps} steps")
     return atoms
 
 
 def build(name: str, output: Path | None = None, log: str | None = "-") -> Path:
-    """Relax ``START[name]`` and write it (xyz, comment with energy and max force)."""
-    atoms = relax(START[name](name), log=log)
+    """Relax ``START[name]`` and write it (xyz, comment with energy and max force); the steps go
+    to ``<output>.traj`` so that a killed run continues where it stopped."""
+    out = Path(output) if output else path(name)
+    atoms = relax(START[name](name), log=log, trajectory=out.with_suffix(".traj"))
     energy = atoms.get_potential_energy()
     fmax = float(np.linalg.norm(atoms.get_forces(), axis=1).max())
     atoms.calc = None
-    out = Path(output) if output else path(name)
     comment = (f"{name}, GFN2-xTB (tblite) minimum, E = {energy:.6f} eV, max|F| = {fmax:.4f} eV/A; "
                f"made by python -m se3set_ase.data.geometries {name}")
     atoms.write(str(out), format="xyz", comment=comment)
+    out.with_suffix(".traj").unlink(missing_ok=True)
     return out
 
 
