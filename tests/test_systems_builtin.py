@@ -18,15 +18,21 @@ def _check_hydrocarbon(atoms):
 
 
 def test_double_walled_nanotube():
-    atoms, name = build_system("double-walled_nanotube", seed=1234)
+    from se3set_ase.data.systems import build_double_walled_nanotube
+
+    ideal = build_double_walled_nanotube()
+    r = np.hypot(ideal.positions[:, 0], ideal.positions[:, 1])[ideal.numbers == 6]
+    radii = np.unique(np.round(r, 2))
+    assert len(radii) == 2 and abs(radii[1] - radii[0] - 3.39) < 0.05  # coaxial, ~3.4 Å walls
+    assert np.allclose(build_double_walled_nanotube(seed=7).positions, ideal.positions)
+    atoms, name = build_system("double-walled_nanotube", seed=1234)  # its GFN2-xTB minimum
     assert name == "double-walled_nanotube" and len(atoms) == 370
     assert atoms.get_chemical_formula() == "C270H100"  # MD22: C266H104, see the docstring
     _check_hydrocarbon(atoms)
-    r = np.hypot(atoms.positions[:, 0], atoms.positions[:, 1])[atoms.numbers == 6]
-    radii = np.unique(np.round(r, 2))
-    assert len(radii) == 2 and abs(radii[1] - radii[0] - 3.39) < 0.05  # coaxial, ~3.4 Å walls
-    again, _ = build_system("nanotube", seed=7)
-    assert np.allclose(again.positions, atoms.positions)  # deterministic
+    c = atoms.positions[atoms.numbers == 6]
+    r_in, r_out = (np.hypot(*(w[:, :2] - w[:, :2].mean(0)).T) for w in (c[:120], c[120:]))
+    assert r_in.std() < 0.2 and r_out.std() < 0.2  # still round
+    assert abs(r_out.mean() - r_in.mean() - 3.35) < 0.15  # and coaxial at graphite spacing
     from se3set_ase.fragment import perceive_bonds
 
     topo = perceive_bonds(atoms.numbers, atoms.positions)
@@ -115,10 +121,11 @@ def test_buckyball_catcher_construction_is_reproducible():
         assert 7.0 < dist < 8.5 and cos > 0.8
 
 
-@pytest.mark.parametrize("name", ["AT-AT", "AT-AT-CG-CG", "buckyball-catcher"])
+@pytest.mark.parametrize("name", ["AT-AT", "AT-AT-CG-CG", "buckyball-catcher", "double-walled_nanotube"])
 def test_shipped_geometries_are_relaxed_starts(name):
     """Each shipped geometry has its start's atoms in the same order, stayed near it (nothing
-    flew apart) and is a GFN2-xTB stationary point (relaxed to 0.03 eV/Å)."""
+    flew apart) and is a GFN2-xTB stationary point (relaxed to 0.03 eV/Å; not re-checked for the
+    370-atom nanotube, whose one GFN2-xTB gradient takes ~30 s)."""
     from se3set_ase.data.geometries import START, read_geometry
 
     shipped, start = read_geometry(name), START[name](name)
@@ -126,6 +133,8 @@ def test_shipped_geometries_are_relaxed_starts(name):
     disp = np.linalg.norm(shipped.positions - start.positions, axis=1)
     assert disp.max() < 4.0, disp.max()
     assert np.ptp(shipped.positions, axis=0).max() < np.ptp(start.positions, axis=0).max() + 1.0
+    if len(shipped) > 200:
+        return
     pytest.importorskip("tblite.ase")
     from tblite.ase import TBLite
 

@@ -13,8 +13,8 @@ so ``se3set-ase sample AT-AT`` starts from a relaxed structure without minutes o
 - ``buckyball-catcher`` (148): see :mod:`se3set_ase.data.buckycatcher`.
 
 - ``double-walled_nanotube`` (370): :func:`se3set_ase.data.systems.build_double_walled_nanotube`
-  (ideal rolled graphene, H caps); one GFN2-xTB gradient takes ~30 s on one core, so its
-  relaxation runs for an hour or more and resumes from ``<output>.traj`` when killed.
+  (ideal rolled graphene, H caps); 31 L-BFGS steps at ~20-30 s each on one core (a killed run
+  resumes from ``<output>.traj``).
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ import numpy as np
 from .errors import DataError
 
 __all__ = ["BUILTIN_SMILES", "NOT_BUILT", "GFN2_MAX_Z", "build_system", "builtin_names",
-           "BUCKYCATCHER_SMILES", "build_double_walled_nanotube", "read_buckyball_catcher"]
+           "BUCKYCATCHER_SMILES", "build_double_walled_nanotube"]
 
 #: tblite's GFN2-xTB parametrisation covers H..Rn
 GFN2_MAX_Z = 86
@@ -112,9 +112,8 @@ def build_system(system: str, seed: int = 1234):
     """(atoms, name) for SYSTEM: a built-in name, an existing structure file or a SMILES.
 
     SMILES molecules are embedded with ETKDG (``seed``) and relaxed with MMFF. AT-AT,
-    AT-AT-CG-CG and the buckyball catcher are read from shipped GFN2-xTB minima
-    (:mod:`se3set_ase.data.geometries`), the nanotube is built from ideal rolled graphene: for
-    these four ``seed`` does not apply."""
+    AT-AT-CG-CG, the buckyball catcher and the double-walled nanotube are read from shipped
+    GFN2-xTB minima (:mod:`se3set_ase.data.geometries`): for these four ``seed`` does not apply."""
     import ase.io
 
     name = _lookup(system)
@@ -124,10 +123,10 @@ def build_system(system: str, seed: int = 1234):
         from .geometries import read_geometry
 
         return read_geometry(name), name
-    if name == "double-walled_nanotube":
-        return build_double_walled_nanotube(seed), name
-    if name == "buckyball-catcher":
-        return read_buckyball_catcher(), name
+    if name in ("double-walled_nanotube", "buckyball-catcher"):
+        from .geometries import read_geometry  # GFN2-xTB minima, see se3set_ase.data.geometries
+
+        return read_geometry(name), name
     if name in NOT_BUILT:
         raise DataError(f"built-in geometry for {name} ({NOT_BUILT[name]} atoms) is not available "
                         f"yet; pass a structure file (e.g. one frame of md22_{name}.npz written as "
@@ -257,15 +256,6 @@ BUCKYCATCHER_SMILES = ("c1ccc2c(c1)-c1cc3c(cc1-c1ccccc1-c1cc4c(cc1-2)c1ccc2ccc5c
                        "c1ccc2ccc4ccc5ccc3c3c5c4c2c13")
 
 
-def read_buckyball_catcher():
-    """C60@C60H28 (148 atoms: catcher 0-87 in the RDKit order of :data:`BUCKYCATCHER_SMILES`
-    with H added, C60 88-147) at its GFN2-xTB minimum; see :mod:`se3set_ase.data.buckycatcher`
-    for how it was built (``seed`` does not apply: the geometry is fixed)."""
-    from .geometries import read_geometry
-
-    return read_geometry("buckyball-catcher")
-
-
 # ---------------------------------------------------------------------------------------------
 # MD22 double-walled nanotube (370 atoms)
 
@@ -319,8 +309,9 @@ def build_double_walled_nanotube(seed: int = 1234):
     MD22's system is C266H104 (also 370 atoms); with clean armchair/zigzag H-capped ends that exact
     formula needs a 2.7 Å (armchair (11,11)@(15,15)) or 3.1 Å (zigzag, Klein edge) wall spacing,
     so the closest 370-atom system at ~3.4 Å spacing is built instead.
-    Relaxation: none (ase's ideal rolled-graphene geometry, C-H at 1.09 Å); `seed` is unused, the
-    geometry is deterministic.
+    This is the ideal (unrelaxed) start; the built-in ``double-walled_nanotube`` is its GFN2-xTB
+    minimum, shipped in ``geometries/`` (:mod:`se3set_ase.data.geometries`). `seed` is unused,
+    the geometry is deterministic.
     """
     from ase import Atoms
 
