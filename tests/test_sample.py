@@ -136,3 +136,18 @@ def test_md_labels_same_trajectory(tmp_path):
     for x, y in zip(fa, fb):
         np.testing.assert_array_equal(x.positions, y.positions)  # labels do not touch the MD
         np.testing.assert_allclose(x.forces, y.forces, atol=1e-2)
+
+
+def test_help_names_every_builtin_system():
+    import argparse
+
+    from se3set_ase.data.sample import add_arguments
+    from se3set_ase.data.systems import builtin_names
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    import re
+
+    text = re.sub(r"-\s+", "-", " ".join(p.format_help().split()))  # argparse wraps after '-'
+    missing = [n for n in builtin_names() if n not in text]
+    assert not missing, missing

@@ -268,7 +268,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("system", metavar="SYSTEM",
                    help="a SMILES, a structure file, or a built-in name (MD17: aspirin, benzene, "
                         "ethanol, malonaldehyde, naphthalene, salicylic_acid, toluene, uracil, "
-                        "paracetamol, azobenzene; MD22: Ac-Ala3-NHMe, DHA, stachyose)")
+                        "paracetamol, azobenzene; MD22: Ac-Ala3-NHMe, DHA, stachyose, AT-AT, "
+                        "AT-AT-CG-CG, buckyball-catcher, double-walled_nanotube)")
     p.add_argument("-o", "--output", required=True, help="extended XYZ file (appended; re-run to continue)")
     p.add_argument("-n", "--frames", type=int, default=1000, help="total frames wanted (default 1000)")
     p.add_argument("--temperature", type=float, default=500.0, help="K (default 500)")
