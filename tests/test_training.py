@@ -102,6 +102,19 @@ def test_resume_is_exact(data_file, tmp_path):
         assert torch.equal(a["ema"]["shadow"][k], b["ema"]["shadow"][k]), k
 
 
+def test_resume_with_other_epochs_warns(data_file, tmp_path, caplog):
+    """Changing --epochs on --resume changes the LR schedule: allowed, but said."""
+    import logging
+
+    fit(config(data_file, tmp_path / "c", max_steps=3))
+    with caplog.at_level(logging.WARNING, logger="se3set_ase"):
+        fit(config(data_file, tmp_path / "c", max_steps=4), resume=True)
+    assert "not an exact continuation" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="se3set_ase"):
+        fit(config(data_file, tmp_path / "c", epochs=3, max_steps=5), resume=True)
+    assert "resuming with epochs=3 (the checkpoint's run was planned for 2)" in caplog.text
+
+
 @pytest.mark.parametrize("kill_step", [6, 8])  # mid-epoch, and right after an epoch's last step
 def test_resume_after_kill(data_file, tmp_path, kill_step):
     """A process killed mid-run resumes from its last checkpoint to the same result."""

@@ -283,6 +283,10 @@ def fit(cfg: TrainConfig, resume: bool = False, argv: list[str] | None = None) -
         saved = TrainConfig.from_dict(ck["train_config"])
         # what may change on resume: how long to run, how to report, and the data (continuing on
         # other data is fine-tuning, not an exact resume: say so)
+        if cfg.epochs != saved.epochs:
+            log.warning("resuming with epochs=%d (the checkpoint's run was planned for %d): the learning-rate "
+                        "schedule changes, so this is not an exact continuation; pass --epochs %d for one",
+                        cfg.epochs, saved.epochs, saved.epochs)
         for k in ("epochs", "max_time", "max_steps", "progress", "save_every_steps", "save_every_minutes", "device"):
             setattr(saved, k, getattr(cfg, k))
         for k in ("data", "valid_file", "test_file"):
