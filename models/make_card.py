@@ -365,8 +365,9 @@ def measure(args) -> dict:
     # prepare_data: split_indices(len(frames), train=_num(train), valid=_num(valid), test=_num(test), seed)
     # with the sizes it resolved; the metadata stores those resolved counts, and split_indices only
     # depends on the counts and the seed (train = perm[:a], valid = perm[a:b], test = perm[b:b+k]).
+    block = int(tr.get("split_block", 1))
     split = split_indices(n, train=int(fr["train"]), valid=int(fr["valid"]), test=int(fr["test"]), seed=seed,
-                          block=int(tr.get("split_block", 1)))
+                          block=block)
     kind = data_kind(data, frames)
     temperature = args.temperature if args.temperature is not None else kind["temperature_K"]
     if temperature is None:
@@ -451,7 +452,7 @@ def measure(args) -> dict:
                      "dtype": tr.get("dtype"), "metrics_in_metadata": meta_metrics},
         "split": {"function": "se3set_ase.data.split_indices", "n": n, "train": int(fr["train"]),
                   "valid": int(fr["valid"]), "test": int(fr["test"]), "seed": seed,
-                  **({"block": int(tr["split_block"])} if int(tr.get("split_block", 1)) != 1 else {}),
+                  **({"block": block} if block != 1 else {}),
                   "test_indices_head": [int(i) for i in split["test"][:10]],
                   "test_frames_duplicating_a_train_frame": dup, "check": split_check},
         "errors": {"dtype": "float64", **errors},

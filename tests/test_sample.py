@@ -140,14 +140,13 @@ def test_md_labels_same_trajectory(tmp_path):
 
 def test_help_names_every_builtin_system():
     import argparse
+    import re
 
     from se3set_ase.data.sample import add_arguments
     from se3set_ase.data.systems import builtin_names
 
     p = argparse.ArgumentParser()
     add_arguments(p)
-    import re
-
     text = re.sub(r"-\s+", "-", " ".join(p.format_help().split()))  # argparse wraps after '-'
     missing = [n for n in builtin_names() if n not in text]
     assert not missing, missing

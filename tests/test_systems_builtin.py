@@ -126,9 +126,9 @@ def test_shipped_geometries_are_relaxed_starts(name):
     """Each shipped geometry has its start's atoms in the same order, stayed near it (nothing
     flew apart) and is a GFN2-xTB stationary point (relaxed to 0.03 eV/Å; not re-checked for the
     370-atom nanotube, whose one GFN2-xTB gradient takes ~30 s)."""
-    from se3set_ase.data.geometries import START, read_geometry
+    from se3set_ase.data.geometries import read_geometry, start as start_of
 
-    shipped, start = read_geometry(name), START[name](name)
+    shipped, start = read_geometry(name), start_of(name)
     assert np.array_equal(shipped.numbers, start.numbers)
     disp = np.linalg.norm(shipped.positions - start.positions, axis=1)
     assert disp.max() < 4.0, disp.max()

@@ -4,14 +4,13 @@
 
     python -m se3set_ase.data.geometries NAME [NAME ...]
 
-from a deterministic start (``START``) relaxed with tblite's GFN2-xTB and ASE's L-BFGS to
+from a deterministic start (:func:`start`) relaxed with tblite's GFN2-xTB and ASE's L-BFGS to
 max |F| <= 0.03 eV/Å on one thread. :func:`se3set_ase.data.systems.build_system` reads these files,
 so ``se3set-ase sample AT-AT`` starts from a relaxed structure without minutes of xTB first.
 
 - ``AT-AT`` (60 atoms), ``AT-AT-CG-CG`` (118): the Watson-Crick stacks of
   :func:`se3set_ase.data.systems.build_base_stack` (seed 1234: MMFF bases placed as rigid bodies);
-- ``buckyball-catcher`` (148): see :mod:`se3set_ase.data.buckycatcher`.
-
+- ``buckyball-catcher`` (148): see :mod:`se3set_ase.data.buckycatcher`;
 - ``double-walled_nanotube`` (370): :func:`se3set_ase.data.systems.build_double_walled_nanotube`
   (ideal rolled graphene, H caps); 31 L-BFGS steps at ~20-30 s each on one core (a killed run
   resumes from ``<output>.traj``).
@@ -27,7 +26,8 @@ GEOMETRY_DIR = Path(__file__).resolve().parent / "geometries"
 FMAX = 0.03  # eV/Å
 
 
-def _start(name: str):
+def start(name: str):
+    """The unrelaxed start of ``name`` (one of :data:`~se3set_ase.data.systems.SHIPPED_GEOMETRIES`)."""
     from .buckycatcher import initial_guess
     from .systems import STACKS, build_base_stack, build_double_walled_nanotube
 
@@ -36,10 +36,6 @@ def _start(name: str):
     if name == "double-walled_nanotube":
         return build_double_walled_nanotube()
     return build_base_stack(STACKS[name], seed=1234)
-
-
-START = {"AT-AT": _start, "AT-AT-CG-CG": _start, "buckyball-catcher": _start,
-         "double-walled_nanotube": _start}
 
 
 def path(name: str) -> Path:
@@ -85,10 +81,10 @@ def relax(atoms, fmax: float = FMAX, steps: int = 2000, log: str | None = "-",
 
 
 def build(name: str, output: Path | None = None, log: str | None = "-") -> Path:
-    """Relax ``START[name]`` and write it (xyz, comment with energy and max force); the steps go
+    """Relax ``start(name)`` and write it (xyz, comment with energy and max force); the steps go
     to ``<output>.traj`` so that a killed run continues where it stopped."""
     out = Path(output) if output else path(name)
-    atoms = relax(START[name](name), log=log, trajectory=out.with_suffix(".traj"))
+    atoms = relax(start(name), log=log, trajectory=out.with_suffix(".traj"))
     energy = atoms.get_potential_energy()
     fmax = float(np.linalg.norm(atoms.get_forces(), axis=1).max())
     atoms.calc = None
@@ -101,7 +97,9 @@ def build(name: str, output: Path | None = None, log: str | None = "-") -> Path:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Relax and write the shipped built-in geometries.")
-    p.add_argument("names", nargs="+", choices=sorted(START))
+    from .systems import SHIPPED_GEOMETRIES
+
+    p.add_argument("names", nargs="+", choices=list(SHIPPED_GEOMETRIES))
     p.add_argument("--out-dir", type=Path, default=None, help=f"default {GEOMETRY_DIR}")
     args = p.parse_args(argv)
     for name in args.names:

@@ -10,7 +10,7 @@ import numpy as np
 
 from .errors import DataError
 
-__all__ = ["BUILTIN_SMILES", "NOT_BUILT", "GFN2_MAX_Z", "build_system", "builtin_names",
+__all__ = ["BUILTIN_SMILES", "SHIPPED_GEOMETRIES", "GFN2_MAX_Z", "build_system", "builtin_names",
            "BUCKYCATCHER_SMILES", "build_double_walled_nanotube"]
 
 #: tblite's GFN2-xTB parametrisation covers H..Rn
@@ -34,11 +34,10 @@ BUILTIN_SMILES = {
     "stachyose": "OC[C@H]1O[C@H](OC[C@H]2O[C@H](OC[C@H]3O[C@@H](O[C@]4(CO)O[C@H](CO)[C@@H](O)"
                  "[C@@H]4O)[C@H](O)[C@@H](O)[C@@H]3O)[C@H](O)[C@@H](O)[C@H]2O)[C@H](O)[C@@H](O)[C@H]1O",
 }
-#: MD22 systems without a built-in geometry (name -> number of atoms): none left.
-NOT_BUILT: dict[str, int] = {}
-#: built by a function rather than from a SMILES (name -> number of atoms); the buckyball
-#: catcher C60@C60H28 is read from the GFN2-xTB minimum made by ``se3set_ase.data.buckycatcher``
-BUILT_BY_FUNCTION = {"buckyball-catcher": 148, "double-walled_nanotube": 370}
+#: MD22 systems without a SMILES route (name -> number of atoms): read from their shipped GFN2-xTB
+#: minima, made by ``python -m se3set_ase.data.geometries`` (see that module)
+SHIPPED_GEOMETRIES = {"AT-AT": 60, "AT-AT-CG-CG": 118, "buckyball-catcher": 148,
+                      "double-walled_nanotube": 370}
 
 # DNA bases as in MD22 (no sugar, N9/N1 hydrogens): A C5H5N5, T C5H6N2O2, G C5H5N5O, C C4H5N3O.
 # Atom map numbers mark the Watson-Crick hydrogen-bond partners (donor heavy atom : acceptor).
@@ -59,7 +58,7 @@ def _norm(s: str) -> str:
 
 
 def builtin_names() -> list[str]:
-    return list(BUILTIN_SMILES) + list(STACKS) + list(BUILT_BY_FUNCTION) + list(NOT_BUILT)
+    return list(BUILTIN_SMILES) + list(SHIPPED_GEOMETRIES)
 
 
 def _lookup(name: str) -> str | None:
@@ -119,18 +118,10 @@ def build_system(system: str, seed: int = 1234):
     name = _lookup(system)
     if name in BUILTIN_SMILES:
         return embed_smiles(BUILTIN_SMILES[name], seed, what=name), name
-    if name in STACKS:  # the GFN2-xTB minimum of build_base_stack(STACKS[name], seed=1234)
+    if name in SHIPPED_GEOMETRIES:
         from .geometries import read_geometry
 
         return read_geometry(name), name
-    if name in ("double-walled_nanotube", "buckyball-catcher"):
-        from .geometries import read_geometry  # GFN2-xTB minima, see se3set_ase.data.geometries
-
-        return read_geometry(name), name
-    if name in NOT_BUILT:
-        raise DataError(f"built-in geometry for {name} ({NOT_BUILT[name]} atoms) is not available "
-                        f"yet; pass a structure file (e.g. one frame of md22_{name}.npz written as "
-                        f"xyz)")
     p = Path(system).expanduser()
     if p.is_file():
         try:
