@@ -144,6 +144,27 @@ def test_tensors_match_from_tokens(name, settings):
         assert set(cross) == expect
 
 
+
+def test_cached_tensors_follow_changing_cross_tokens():
+    """Along a smooth path the implicit token list changes; every step the cached fragmenter's
+    tensors equal a fresh build, and graphs returned earlier keep their own positions."""
+    atoms = read("ac_ala3_nhme")
+    fr = Fragmenter(MD22)
+    frag = fr.fragmentation(atoms)
+    rng = np.random.default_rng(3)
+    phase = rng.uniform(0, 2 * np.pi, size=atoms.positions.shape)
+    lists, graphs = set(), []
+    for t in range(30):
+        r = atoms.positions + 0.08 * np.sin(2 * np.pi * t / 15 + phase)
+        hg = fr(atoms.numbers, r)
+        cross = [tuple(x) for x in frag.cross_tokens(r).tolist()]
+        lists.add(tuple(cross))
+        assert_same_tensors(hg, hgmod.from_tokens(atoms.numbers, r, frag.hyperedges, cross))
+        graphs.append((hg, r))
+    assert fr.misses == 1 and len(lists) > 3  # the path really changed the token list
+    for hg, r in graphs:
+        assert np.allclose(hg.positions.numpy(), r)
+
 # --------------------------------------------------------------------------- invariances
 
 

@@ -76,12 +76,16 @@ class TensorBuilder:
         return torch.as_tensor(np.asarray(positions, dtype=np.float64)).to(dtype)
 
     def static(self, positions, dtype=torch.float64) -> Hypergraph:
-        """Hypergraph of the fixed hyperedges only (explicit mode)."""
+        """Hypergraph of the fixed hyperedges only (explicit mode).
+
+        The index tensors are shared between calls (only ``positions`` is new): treat them as
+        read-only, as every consumer in this package does.
+        """
         return Hypergraph(
-            numbers=self.numbers.clone(), positions=self.positions(positions, dtype),
-            token_anchor=self.t_anchor.clone(), token_edge=self.t_edge.clone(),
-            token_switched=self.t_switched.clone(), v2e_src=self.t_src.clone(),
-            v2e_dst=self.t_dst.clone(), batch=self.t_batch.clone(), num_graphs=1,
+            numbers=self.numbers, positions=self.positions(positions, dtype),
+            token_anchor=self.t_anchor, token_edge=self.t_edge,
+            token_switched=self.t_switched, v2e_src=self.t_src,
+            v2e_dst=self.t_dst, batch=self.t_batch, num_graphs=1,
         )
 
     def cross_tokens(self, d: np.ndarray, r_c: float) -> np.ndarray:
@@ -105,7 +109,8 @@ class TensorBuilder:
         """Hypergraph of the fixed hyperedges plus switched tokens ``cross`` (C, 2) of (h, i).
 
         The index tensors of the last token list are kept: between MD steps the list rarely
-        changes, and an unchanged list costs one array comparison.
+        changes, and an unchanged list costs one array comparison. As in :meth:`static` the
+        returned index tensors are shared between calls: read-only.
         """
         if len(cross) == 0:
             return self.static(positions, dtype)
@@ -115,10 +120,8 @@ class TensorBuilder:
         else:
             h, i = cross[:, 0], cross[:, 1]
             c = len(h)
-            mask = self.pad_mask[h]
-            v_src = self.pad[h][mask]
-            v_dst = np.broadcast_to(np.arange(self.m_own, self.m_own + c, dtype=np.int64)[:, None],
-                                    mask.shape)[mask]
+            v_src = self.pad[h][self.pad_mask[h]]  # members of each token's kernel, in order
+            v_dst = np.repeat(np.arange(self.m_own, self.m_own + c, dtype=np.int64), self.sizes[h])
             sw = np.ones(self.m_own + c, dtype=bool)
             sw[: self.m_own] = False
             cat = np.concatenate
@@ -129,7 +132,7 @@ class TensorBuilder:
             dst = torch.from_numpy(cat([self.dst, v_dst]))
             self._last = (cross.copy(), (anchor, edge, switched, src, dst))
         return Hypergraph(
-            numbers=self.numbers.clone(), positions=self.positions(positions, dtype),
-            token_anchor=anchor.clone(), token_edge=edge.clone(), token_switched=switched.clone(),
-            v2e_src=src.clone(), v2e_dst=dst.clone(), batch=self.t_batch.clone(), num_graphs=1,
+            numbers=self.numbers, positions=self.positions(positions, dtype),
+            token_anchor=anchor, token_edge=edge, token_switched=switched,
+            v2e_src=src, v2e_dst=dst, batch=self.t_batch, num_graphs=1,
         )
