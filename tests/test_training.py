@@ -115,6 +115,30 @@ def test_resume_with_other_epochs_warns(data_file, tmp_path, caplog):
     assert "resuming with epochs=3 (the checkpoint's run was planned for 2)" in caplog.text
 
 
+def test_cli_resume_keeps_plan_and_honours_output(data_file, tmp_path, caplog):
+    """`fit --resume` without --epochs continues the checkpoint's plan exactly (no silent default of
+    100 epochs); `-o` given on resume is where the model goes."""
+    import json
+    import logging
+
+    from se3set_ase.cli import main
+
+    common = [str(data_file), "--preset", "tiny", "--model", json.dumps(SMALL_NET), "--train-size", "30",
+              "--valid-size", "5", "--test-size", "5", "--batch-size", "4", "--no-progress"]
+    main(["fit", *common, "--out-dir", str(tmp_path / "a"), "--epochs", "2", "-o", str(tmp_path / "a.pt")])
+    main(["fit", *common, "--out-dir", str(tmp_path / "b"), "--epochs", "2", "--max-steps", "3",
+          "-o", str(tmp_path / "first.pt")])
+    with caplog.at_level(logging.WARNING, logger="se3set_ase"):
+        main(["fit", str(data_file), "--out-dir", str(tmp_path / "b"), "--resume", "--no-progress",
+              "-o", str(tmp_path / "second.pt")])
+    assert "not an exact continuation" not in caplog.text
+    a, b = (torch.load(tmp_path / x / "last.ckpt", weights_only=True) for x in "ab")
+    assert a["state"]["step"] == b["state"]["step"] == 16  # 2 epochs of 8 steps, not 100 epochs
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert (tmp_path / "second.pt").is_file() and load_model(tmp_path / "second.pt") is not None
+
+
 @pytest.mark.parametrize("kill_step", [6, 8])  # mid-epoch, and right after an epoch's last step
 def test_resume_after_kill(data_file, tmp_path, kill_step):
     """A process killed mid-run resumes from its last checkpoint to the same result."""

@@ -28,7 +28,8 @@ def _duration(text: str) -> float:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", help="extxyz/ASE file, sGDML/rMD17 .npz, ASE .db, or a named dataset (md17:aspirin, md22:DHA)")
-    p.add_argument("-o", "--output", help="final model file (default OUT_DIR/model.pt)")
+    p.add_argument("-o", "--output", help="final model file (default OUT_DIR/model.pt; with --resume, the "
+                   "checkpoint's)")
     p.add_argument("--out-dir", default=None, help="run folder for checkpoints, log.csv, learning_curve.png (default runs/<data name>)")
     p.add_argument("--valid-file"), p.add_argument("--test-file")
     p.add_argument("--energy-key"), p.add_argument("--forces-key")
@@ -45,7 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--element-energies", help='JSON {"1": -13.6, "6": -1029.0} in eV; default least squares')
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--device", default="auto")
-    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--epochs", type=int, default=None,
+                   help="default 100; with --resume, the checkpoint's (give it only to change the plan)")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -76,7 +78,7 @@ def config_from_args(args: argparse.Namespace):
         forces_key=args.forces_key, train_size=args.train_size, valid_size=args.valid_size,
         test_size=args.test_size, split_block=args.split_block, preset=args.preset, model_overrides=json.loads(args.model),
         fragment=args.fragment, element_energies={int(k): float(v) for k, v in e_ref.items()} if e_ref else None,
-        dtype=args.dtype, device=args.device, epochs=args.epochs, max_steps=args.max_steps,
+        dtype=args.dtype, device=args.device, epochs=100 if args.epochs is None else args.epochs, max_steps=args.max_steps,
         batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
         schedule=args.schedule, weight_decay=args.weight_decay, ema_decay=args.ema_decay,
         clip_grad=args.clip_grad or None, energy_weight=args.energy_weight, forces_weight=args.forces_weight,
@@ -88,5 +90,6 @@ def main(args: argparse.Namespace) -> int:
     from ..training import fit
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    fit(config_from_args(args), resume=args.resume, argv=["se3set-ase"] + sys.argv[1:])
+    given = {k for k in ("epochs", "output") if getattr(args, k) is not None}
+    fit(config_from_args(args), resume=args.resume, argv=["se3set-ase"] + sys.argv[1:], given=given)
     return 0

@@ -274,20 +274,33 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- main loop
-def fit(cfg: TrainConfig, resume: bool = False, argv: list[str] | None = None) -> dict[str, Any]:
-    """Train a model; returns the final metrics and paths."""
+def fit(cfg: TrainConfig, resume: bool = False, argv: list[str] | None = None,
+        given: set[str] | None = None) -> dict[str, Any]:
+    """Train a model; returns the final metrics and paths.
+
+    With ``resume`` the run continues from ``<out_dir>/last.ckpt`` under the checkpoint's config;
+    ``cfg`` supplies only how long to run and how to report (``max_time``, ``max_steps``,
+    ``progress``, ``save_every_*``, ``device``), the data files, and ``epochs`` / ``output`` when
+    named in ``given`` (the fields the user set; ``None``: take both from ``cfg``).
+    """
     out = Path(cfg.out_dir)
     ck = None
     if resume:
         ck = load_checkpoint(_ckpt_path(cfg))
         saved = TrainConfig.from_dict(ck["train_config"])
-        # what may change on resume: how long to run, how to report, and the data (continuing on
-        # other data is fine-tuning, not an exact resume: say so)
-        if cfg.epochs != saved.epochs:
+        given = {"epochs", "output"} if given is None else given
+        # what may change on resume: how long to run, how to report, where the model goes, and the
+        # data (continuing on other data is fine-tuning, not an exact resume: say so)
+        if "epochs" in given and cfg.epochs != saved.epochs:
             log.warning("resuming with epochs=%d (the checkpoint's run was planned for %d): the learning-rate "
-                        "schedule changes, so this is not an exact continuation; pass --epochs %d for one",
-                        cfg.epochs, saved.epochs, saved.epochs)
-        for k in ("epochs", "max_time", "max_steps", "progress", "save_every_steps", "save_every_minutes", "device"):
+                        "schedule changes, so this is not an exact continuation; leave --epochs out for one",
+                        cfg.epochs, saved.epochs)
+            saved.epochs = cfg.epochs
+        if "output" in given and cfg.output != saved.output:
+            log.info("the model will be written to %s (the checkpoint's run named %s)",
+                     cfg.output, saved.output or f"{cfg.out_dir}/model.pt")
+            saved.output = cfg.output
+        for k in ("max_time", "max_steps", "progress", "save_every_steps", "save_every_minutes", "device"):
             setattr(saved, k, getattr(cfg, k))
         for k in ("data", "valid_file", "test_file"):
             if getattr(cfg, k) != getattr(saved, k):
