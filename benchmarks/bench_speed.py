@@ -34,7 +34,7 @@ from se3set_ase.fragment import Fragmenter, FragmentSettings  # noqa: E402
 from se3set_ase.hypergraph import collate  # noqa: E402
 from se3set_ase.model import ModelConfig, SE3SetModel  # noqa: E402
 from se3set_ase.model.fused import fused_energy_and_forces  # noqa: E402
-from se3set_ase.model.network import energy_and_forces as _energy_and_forces  # noqa: E402
+from se3set_ase.model.network import energy_and_forces as _energy_and_forces, plain_path  # noqa: E402
 
 DATA = ROOT / "tests" / "data"
 STACHYOSE_XYZ = Path("/work/shared/data/gfn2/stachyose.extxyz")
@@ -51,12 +51,9 @@ MACE_SMALL_DHA_MS = 51.0
 
 
 def energy_and_forces(model, hg, training=False):
-    """The plain path (``model.fused = False`` in case forward dispatches to the fused one)."""
-    model.fused = False
-    try:
+    """The plain path, timed against the fused one."""
+    with plain_path(model):
         return _energy_and_forces(model, hg, training=training)
-    finally:
-        del model.fused
 
 
 PATHS = {"plain": energy_and_forces, "fused": fused_energy_and_forces}

@@ -12,22 +12,14 @@ from se3set_ase.fragment import Fragmenter, FragmentSettings
 from se3set_ase.hypergraph import collate
 from se3set_ase.model import ModelConfig, SE3SetModel
 from se3set_ase.model.fused import fused_energy_and_forces, fused_forward, from_blocks, to_blocks
-from se3set_ase.model.network import energy_and_forces as _energy_and_forces
+from se3set_ase.model.network import energy_and_forces as _energy_and_forces, plain_path
 
 DATA = Path(__file__).parent / "data"
 
 
 def energy_and_forces(model, hg, training=False):
-    """The plain (unfused) path, also once ``SE3SetModel.forward`` dispatches on ``model.fused``."""
-    previous = model.__dict__.get("fused", None)
-    model.fused = False
-    try:
+    with plain_path(model):
         return _energy_and_forces(model, hg, training=training)
-    finally:
-        if previous is None:
-            del model.fused
-        else:
-            model.fused = previous
 
 
 def plain_forward(model, hg):
@@ -56,6 +48,19 @@ def test_layout_roundtrip():
     irreps = o3.Irreps("3x0e+2x1o+1x2e")
     x = torch.randn(4, irreps.dim)
     assert torch.equal(from_blocks(to_blocks(x, irreps), irreps), x)
+
+
+def test_plain_path_really_runs_plain(monkeypatch):
+    """The reference side of every comparison here must not dispatch to the fused code."""
+    import se3set_ase.model.network as net
+
+    model, hg = _setup("tiny", "md17", "aspirin.xyz", torch.float64)
+    calls = []
+    monkeypatch.setattr(net, "fused_forward", lambda m, g: calls.append(1) or fused_forward(m, g))
+    model(hg)
+    assert calls == [1]  # the default is fused
+    plain_forward(model, hg)
+    assert calls == [1] and "fused" not in model.__dict__  # plain, and the default is restored
 
 
 @pytest.mark.parametrize("preset", ["tiny", "small"])

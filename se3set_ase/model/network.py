@@ -11,6 +11,9 @@ asserts these figures. A float64 model must be built as ``SE3SetModel(config, to
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 from e3nn import o3
 from torch import nn
@@ -192,6 +195,21 @@ class SE3SetModel(nn.Module):
         # the reference energies are large (~ -10^4 eV per molecule): add them in float64 so a
         # float32 model still resolves sub-meV energy differences
         return (out * self.energy_scale.to(dtype)).double() + self.element_energy[z]
+
+
+@contextmanager
+def plain_path(model: SE3SetModel) -> Iterator[SE3SetModel]:
+    """Within the block ``model(hg)`` runs the plain e3nn implementation (the reference the fused
+    path is tested and benchmarked against); the model's previous choice is restored after."""
+    previous = model.__dict__.get("fused")
+    model.fused = False
+    try:
+        yield model
+    finally:
+        if previous is None:
+            del model.fused
+        else:
+            model.fused = previous
 
 
 def energy_and_forces(model: SE3SetModel, hg: Hypergraph, training: bool = False,
