@@ -501,6 +501,16 @@ def langevin_column(lang: dict) -> str:
     return f"no: {lang['event']['kind']} at {lang['event']['time_ps']:.3f} ps"
 
 
+# why a preset was picked, from measured figures of benchmarks/bench_speed.py (benchmarks/README.md)
+PRESET_NOTE = {
+    "small": "- why `small`: the budget is one CPU core for at most 90 min (MD17) or 3 h (MD22 systems) per "
+             "model, and on such a core a `paper`-preset energy+force call costs 3.2-4.3x a `small` one "
+             "(`benchmarks/bench_speed.py`, table in `benchmarks/README.md`), so in the same time the paper "
+             "preset would see about a quarter of the training epochs. The paper preset was not trained for "
+             "this model (no GPU was lent); it is the one to try with a GPU.",
+}
+
+
 def render_card(c: dict) -> str:
     d, t, s, e, L, N, T, fd, lim = (c["data"], c["training"], c["split"], c["errors"], c["langevin"], c["nve"],
                                      c["timing"], c["fd"], c["limits"])
@@ -515,6 +525,7 @@ def render_card(c: dict) -> str:
         "## Model", "",
         f"- file `{c['model']['file']}` (sha256 `{c['model']['sha256'][:16]}…`), elements {', '.join(c['model']['elements'])}",
         f"- preset `{t['preset']}`, {_fmt_int(t['parameters'])} parameters",
+        *([PRESET_NOTE[t["preset"]]] if t["preset"] in PRESET_NOTE else []),
         f"- usage: `SE3SetCalculator(\"{c['model']['file']}\")` (eV, Å, eV/Å)", "",
         "## Training data", "",
         f"- file `{d['path']}` (sha256 `{d['sha256'][:16]}…`), {d['n_frames']} frames of {d['formula']} ({d['n_atoms']} atoms)",
@@ -655,9 +666,16 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="short MD (0.05 ps Langevin, 0.025 ps NVE, 5 timing calls) for development")
     p.add_argument("--out-dir", default=str(HERE), help="where NAME.json, NAME.md and README.md go (default: models/)")
     p.add_argument("--readme-only", action="store_true", help="only regenerate OUT_DIR/README.md from OUT_DIR/*.json")
+    p.add_argument("--render-only", action="store_true",
+                   help="regenerate every OUT_DIR/NAME.md and README.md from the JSON cards (no measuring)")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     out_dir = Path(args.out_dir)
+    if args.render_only:
+        for card in load_cards(out_dir):
+            (out_dir / f"{card['name']}.md").write_text(render_card(card))
+        print(f"wrote the cards and {write_readme(out_dir)}")
+        return 0
     if args.readme_only:
         print(f"wrote {write_readme(out_dir)}")
         return 0
