@@ -249,3 +249,20 @@ def test_split_block_from_the_command_line(data_file, tmp_path):
     assert [len(sets[k]) for k in ("train", "valid", "test")] == [30, 5, 5]
     for k in ("valid", "test"):  # each a whole block here (5 = block and 30 is a multiple of 5)
         assert np.array_equal(split[k], np.arange(split[k][0], split[k][0] + 5)) and split[k][0] % 5 == 0
+
+
+def test_cache_not_written_into_read_only_data_folder(tmp_path, monkeypatch):
+    """A data folder marked read-only gets no cache file, even for root (who may write anyway)."""
+    from se3set_ase.training.cache import cache_path
+
+    monkeypatch.delenv("SE3SET_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "x.extxyz").write_text("")
+    assert cache_path(data / "x.extxyz", "k").parent == data
+    data.chmod(0o555)
+    try:
+        assert cache_path(data / "x.extxyz", "k").parent == tmp_path / "xdg" / "se3set_ase" / "hypergraphs"
+    finally:
+        data.chmod(0o755)

@@ -71,11 +71,12 @@ def cache_key(source: str | os.PathLike, settings: FragmentSettings, extra: dict
 
 def cache_path(source: str | os.PathLike, key: str) -> Path:
     """Next to the data file; in ``$SE3SET_CACHE_DIR`` when set, or in the user cache folder
-    when the data folder is not writable."""
+    when the data folder is not writable (by access or by its mode bits: root may write into a
+    read-only folder, but a folder marked read-only is not the place for a cache)."""
     p = Path(source)
     if os.environ.get("SE3SET_CACHE_DIR"):
         return Path(os.environ["SE3SET_CACHE_DIR"]) / f"{p.name}.se3set-{key}.h5"
-    if os.access(p.parent, os.W_OK):
+    if os.access(p.parent, os.W_OK) and p.parent.stat().st_mode & 0o222:
         return p.parent / f"{p.name}.se3set-{key}.h5"
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "se3set_ase" / "hypergraphs"
     return base / f"{p.name}.se3set-{key}.h5"
