@@ -78,7 +78,7 @@ def config_from_args(args: argparse.Namespace):
         forces_key=args.forces_key, train_size=args.train_size, valid_size=args.valid_size,
         test_size=args.test_size, split_block=args.split_block, preset=args.preset, model_overrides=json.loads(args.model),
         fragment=args.fragment, element_energies={int(k): float(v) for k, v in e_ref.items()} if e_ref else None,
-        dtype=args.dtype, device=args.device, epochs=100 if args.epochs is None else args.epochs, max_steps=args.max_steps,
+        dtype=args.dtype, device=args.device, epochs=TrainConfig.epochs if args.epochs is None else args.epochs, max_steps=args.max_steps,
         batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
         schedule=args.schedule, weight_decay=args.weight_decay, ema_decay=args.ema_decay,
         clip_grad=args.clip_grad or None, energy_weight=args.energy_weight, forces_weight=args.forces_weight,
