@@ -245,7 +245,9 @@ def sample(system: str, out, frames: int, temperature: float = 500.0, dt_fs: flo
 
 def _check(atoms, forces, energy, bonds0, frame, step, dt_fs, max_force, out) -> None:
     where = f"frame {frame} (MD step {step}, t = {step * dt_fs:g} fs)"
-    kept = f"the {frame} frame(s) before it are in {out}"
+    # the run is deterministic: re-running on the same file replays the same steps and stops here again
+    kept = (f"the {frame} frame(s) before it are in {out}; re-running would replay the same "
+            "trajectory, so sample into a new file with a lower --temperature or another --seed")
     if not (np.isfinite(energy) and np.isfinite(forces).all()):
         raise SamplingError(f"{where}: non-finite energy or forces; stopping ({kept})")
     fmax = float(np.linalg.norm(forces, axis=1).max())
