@@ -339,7 +339,8 @@ def measure(args) -> dict:
     from se3set_ase.data import read_frames, split_indices
     from se3set_ase.model import load_model
     from se3set_ase.registry import resolve_model
-    from se3set_ase.training.cache import build_graphs
+    from se3set_ase.fragment import Fragmenter
+    from se3set_ase.training.cache import build_graphs, training_fragmentations
     from se3set_ase.training.metrics import evaluate
 
     torch.set_num_threads(args.threads)
@@ -375,13 +376,16 @@ def measure(args) -> dict:
 
     # ---- errors (float64) on test and valid, and float32 check against the training metadata
     settings = model.config.fragment
+    # the hypergraphs training used: the model's pinned fragmentations, or (model files from before
+    # pinning) what training froze, the first frame of each topology in the data file
+    pins = Fragmenter.for_model(model).fragmentations() or training_fragmentations(frames, settings)
     sets = {k: [frames[i] for i in split[k]] for k in ("valid", "test")}
     errors, per_frame = {}, {}
     for k, frs in sets.items():
         if not frs:
             continue
         note(f"[card] evaluating {k} ({len(frs)} frames, float64)")
-        g = build_graphs(frs, settings)
+        g = build_graphs(frs, settings, pinned=pins)
         errors[k] = metrics_block(evaluate(model, g, 16, torch.device("cpu"), torch.float64))
         de, dea, fm, fr_ = per_frame_errors(model, g, torch.device("cpu"), torch.float64)
         per_frame[k] = {"frame_index": [int(i) for i in split[k]], "energy_err_meV": de,
@@ -396,7 +400,7 @@ def measure(args) -> dict:
     ref_set = "test" if meta_metrics.get("test") else "valid"
     if meta_metrics.get(ref_set) and sets.get(ref_set):
         model32, _ = load_model(model_path, dtype=torch.float32, device="cpu")
-        m32 = evaluate(model32, build_graphs(sets[ref_set], settings), 16, torch.device("cpu"),
+        m32 = evaluate(model32, build_graphs(sets[ref_set], settings, pinned=pins), 16, torch.device("cpu"),
                        torch.float32 if tr.get("dtype", "float32") == "float32" else torch.float64)
         ref = meta_metrics[ref_set]["forces_mae_meV_A"]
         rel = abs(m32["forces_mae_meV_A"] - ref) / max(abs(ref), 1e-12)

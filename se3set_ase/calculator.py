@@ -69,7 +69,7 @@ class SE3SetCalculator(Calculator):
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.charge = charge
-        self.fragmenter = Fragmenter(self.model.config.fragment)
+        self.fragmenter = Fragmenter.for_model(self.model)
 
     def _check(self, atoms) -> None:
         if atoms is None or len(atoms) == 0:

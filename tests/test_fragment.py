@@ -401,3 +401,43 @@ def test_bad_inputs_raise():
     assert Fragmenter(MD17)(periodic).num_tokens == 55
     zz, rr = validate_structure(z, r)
     assert zz.dtype == np.int64 and rr.shape == (21, 3)
+
+
+# --------------------------------------------------------------------------- pinned fragmentations
+def test_pinned_fragmentation_is_independent_of_the_first_geometry(tmp_path):
+    """Salicylic acid frames 0 and 3 of MD17: the O-H...O contact puts a group-pair bond order on
+    either side of a threshold, so each frame, seen first, freezes a different hypergraph. A
+    pinned fragmentation (what a model file stores) gives frame 0's hypergraph at frame 3."""
+    from se3set_ase import SE3SetCalculator
+    from se3set_ase.fragment.core import Fragmentation
+    from se3set_ase.model import ModelConfig, SE3SetModel, save_model
+    from se3set_ase.training.cache import training_fragmentations
+
+    f0, f3 = ase.io.read(DATA / "salicylic_acid_frames_0_3.xyz", index=":")
+    st = FragmentSettings.preset("md17")
+    first0 = Fragmenter(st).fragmentation(f0)
+    first3 = Fragmenter(st).fragmentation(f3)
+    assert first0.topology == first3.topology and first0.hyperedges != first3.hyperedges
+
+    # what training freezes for a file: the first frame of each topology
+    class F:  # the fields training_fragmentations reads
+        def __init__(self, a):
+            self.numbers, self.positions, self.charge = a.numbers, a.positions, 0
+    pins = training_fragmentations([F(f0), F(f3)], st)
+    assert len(pins) == 1 and pins[0].hyperedges == first0.hyperedges
+    back = Fragmentation.from_dict(json.loads(json.dumps(pins[0].to_dict())), st)
+    assert back == pins[0]
+
+    fr = Fragmenter(st, pinned=[back])
+    assert fr.fragmentation(f3).hyperedges == first0.hyperedges and fr.misses == 0
+
+    # through a model file and the calculator
+    torch.manual_seed(0)
+    model = SE3SetModel(ModelConfig.preset("tiny", elements=[1, 6, 8], fragment=st), torch.float64)
+    model.fragmentations = [pins[0].to_dict()]
+    path = save_model(model, tmp_path / "pinned.pt", dtype=torch.float64)
+    calc = SE3SetCalculator(str(path))
+    hg3 = calc.fragmenter(f3)
+    ref = Fragmenter(st, pinned=pins)(f3)
+    assert torch.equal(hg3.v2e_src, ref.v2e_src) and torch.equal(hg3.v2e_dst, ref.v2e_dst)
+    assert not torch.equal(torch.as_tensor(hg3.v2e_src.shape), torch.as_tensor(Fragmenter(st)(f3).v2e_src.shape))

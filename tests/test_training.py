@@ -14,6 +14,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import write
 
 from se3set_ase.data import DataError
+from se3set_ase.fragment import Fragmenter
 from se3set_ase.model import load_model
 from se3set_ase.training import TrainConfig, TrainingError, fit
 from se3set_ase.training.loop import prepare_data
@@ -85,6 +86,11 @@ def test_fit_learns_a_smooth_potential(tmp_path):
     assert (out / "learning_curve.png").stat().st_size > 1000
     model, meta = load_model(result["model"])
     assert model.elements == [1, 7, 8]
+    # the model file pins the two molecules' training fragmentations (first frame of each)
+    pinned = [(tuple(d["numbers"]), tuple(map(tuple, d["hyperedges"]))) for d in model.fragmentations]
+    first = {tuple(a.numbers): a for a in reversed(frames)}
+    expect = [(z, Fragmenter(model.config.fragment).fragmentation(a).hyperedges) for z, a in first.items()]
+    assert sorted(pinned) == sorted(expect) and len(pinned) == 2
     assert meta["metrics"]["valid"]["forces_mae_meV_A"] == pytest.approx(valid["forces_mae_meV_A"])
 
 

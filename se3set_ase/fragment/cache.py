@@ -23,11 +23,18 @@ class Fragmenter:
     ``last_topology_changed`` is True when the call's connectivity differs from the previous
     call's (bonds formed or broken, or another molecule): the calculator can warn, since the
     energy is discontinuous there.
+
+    ``pinned``: fragmentations to use whenever their topology comes up, whatever the geometry
+    (never evicted). Kernel merging and explicit overlaps are decided from geometric bond orders,
+    so without a pin the first geometry seen decides them; a model pins the ones it was trained
+    on (:meth:`for_model`), so that every starting geometry gets the training hypergraph.
     """
 
-    def __init__(self, settings: FragmentSettings | None = None, cache_size: int = 256):
+    def __init__(self, settings: FragmentSettings | None = None, cache_size: int = 256,
+                 pinned: Iterable[Fragmentation] = ()):
         self.settings = FragmentSettings() if settings is None else settings
         self.cache_size = int(cache_size)
+        self._pinned = {_pin_key(f): f for f in pinned}
         self._cache: OrderedDict[bytes, Fragmentation] = OrderedDict()
         self._thr: dict[bytes, np.ndarray] = {}
         self._last_key: bytes | None = None
@@ -35,6 +42,17 @@ class Fragmenter:
         self.last_topology_changed = False
         self.hits = 0
         self.misses = 0
+
+    @classmethod
+    def for_model(cls, model, cache_size: int = 256) -> "Fragmenter":
+        """The fragmenter of a model: its settings and the fragmentations it was trained on."""
+        settings = model.config.fragment
+        pins = [Fragmentation.from_dict(d, settings) for d in getattr(model, "fragmentations", ())]
+        return cls(settings, cache_size, pinned=pins)
+
+    def fragmentations(self) -> list[Fragmentation]:
+        """The fragmentations decided so far (pinned first), in the order they were made."""
+        return list(self._pinned.values()) + list(self._cache.values())  # pinned keys never enter the cache
 
     def clear_cache(self) -> None:
         self._cache.clear()
@@ -84,7 +102,9 @@ class Fragmenter:
         key = b"%d|%d|" % (len(z), charge) + zkey + np.packbits(adj).tobytes()
         self.last_topology_changed = self._last_key is not None and key != self._last_key
         self._last_key = key
-        frag = self._cache.get(key)
+        frag = self._pinned.get(key)
+        if frag is None:
+            frag = self._cache.get(key)
         if frag is None:
             self.misses += 1
             pairs = np.argwhere(np.triu(adj, 1))
@@ -95,7 +115,8 @@ class Fragmenter:
                 self._cache.popitem(last=False)
         else:
             self.hits += 1
-            self._cache.move_to_end(key)
+            if key in self._cache:
+                self._cache.move_to_end(key)
         self._last = (key, charge, zkey, adj, frag)
         return frag, r, d
 
@@ -123,3 +144,14 @@ class Fragmenter:
         if not graphs:
             raise ValueError("no structures to batch")
         return collate(graphs)
+
+
+def _pin_key(frag: Fragmentation) -> bytes:
+    """The cache key of a fragmentation's topology (as :meth:`Fragmenter._lookup` builds it)."""
+    t = frag.topology
+    z = np.asarray(t.numbers, dtype=np.int64)
+    adj = np.zeros((len(z), len(z)), dtype=bool)
+    p = t.pairs()
+    adj[p[:, 0], p[:, 1]] = True
+    adj[p[:, 1], p[:, 0]] = True
+    return b"%d|%d|" % (len(z), t.charge) + z.tobytes() + np.packbits(adj).tobytes()

@@ -95,6 +95,26 @@ class Fragmentation:
     hyperedges: tuple[tuple[int, ...], ...]
     settings: FragmentSettings
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able record (stored in model files to pin a training fragmentation)."""
+        t = self.topology
+        return {"numbers": list(t.numbers), "bonds": [list(b) for b in t.bonds], "charge": t.charge,
+                "formal_charges": list(t.formal_charges), "connectivity_only": t.connectivity_only,
+                "groups": [list(g) for g in self.groups], "kernels": [list(k) for k in self.kernels],
+                "hyperedges": [list(h) for h in self.hyperedges]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], settings: FragmentSettings) -> "Fragmentation":
+        """Inverse of :meth:`to_dict` (no RDKit, no geometry)."""
+        def tup(xs):
+            return tuple(tuple(int(a) for a in x) for x in xs)
+
+        topo = Topology(numbers=tuple(int(z) for z in d["numbers"]), bonds=tup(d["bonds"]),
+                        charge=int(d["charge"]), formal_charges=tuple(int(c) for c in d["formal_charges"]),
+                        connectivity_only=bool(d["connectivity_only"]))
+        return cls(topology=topo, groups=tup(d["groups"]), kernels=tup(d["kernels"]),
+                   hyperedges=tup(d["hyperedges"]), settings=settings)
+
     @cached_property
     def _builder(self) -> TensorBuilder:
         return TensorBuilder(self.topology.numbers, self.hyperedges)

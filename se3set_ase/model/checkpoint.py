@@ -58,8 +58,10 @@ def model_payload(model: SE3SetModel, metadata: dict[str, Any] | None = None,
     json.dumps(meta)  # fail now, not at load time, if metadata is not JSON-able
     state = {k: (v.detach().to("cpu", dtype) if v.is_floating_point() and k != "element_energy" else v.detach().cpu())
              for k, v in model.state_dict().items()}
+    pins = list(getattr(model, "fragmentations", ()))
+    json.dumps(pins)
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "config": model.config.to_dict(),
-            "metadata": meta, "state_dict": state}
+            "metadata": meta, "state_dict": state, "fragmentations": pins}
 
 
 def save_model(model: SE3SetModel, path: str | os.PathLike, metadata: dict[str, Any] | None = None,
@@ -102,6 +104,9 @@ def model_from_payload(payload: dict[str, Any], dtype: torch.dtype = torch.float
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as exc:
         raise ModelFileError(f"{source}: weights do not match the config: {exc}") from exc
+    # the fragmentations the model was trained on (files before this entry have none): pinned by
+    # Fragmenter.for_model so that a known molecule gets its training hypergraph from any geometry
+    model.fragmentations = list(payload.get("fragmentations", []))
     return model.to(device).eval()
 
 

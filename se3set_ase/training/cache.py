@@ -48,11 +48,13 @@ class LabelledGraphs:
         return LabelledGraphs([self.graphs[i] for i in idx], self.energies[idx], [self.forces[i] for i in idx])
 
 
-def build_graphs(frames: Sequence[Frame], settings: FragmentSettings, progress: bool = False) -> LabelledGraphs:
-    """Fragment every frame (RDKit work once per topology)."""
+def build_graphs(frames: Sequence[Frame], settings: FragmentSettings, progress: bool = False,
+                 pinned: Sequence = ()) -> LabelledGraphs:
+    """Fragment every frame (RDKit work once per topology; ``pinned`` fragmentations are used
+    for their topologies whatever the geometry, see :class:`Fragmenter`)."""
     from tqdm import tqdm
 
-    fragmenter = Fragmenter(settings)
+    fragmenter = Fragmenter(settings, pinned=pinned)
     graphs = [fragmenter(f.numbers, f.positions, charge=f.charge)
               for f in tqdm(frames, desc="fragmenting", disable=not progress, leave=False)]
     energies = np.array([np.nan if f.energy is None else f.energy for f in frames], dtype=np.float64)
@@ -133,9 +135,24 @@ def load_h5(path: Path, key: str) -> LabelledGraphs | None:
     return LabelledGraphs(graphs, arr["energies"], forces)
 
 
+def training_fragmentations(frames: Sequence[Frame], settings: FragmentSettings) -> list:
+    """The fragmentations :func:`build_graphs` freezes for ``frames`` (one per bond topology,
+    decided at its first frame in file order), as :class:`Fragmentation` objects."""
+    fragmenter = Fragmenter(settings, cache_size=max(256, len(frames)))
+    for f in frames:
+        fragmenter.fragmentation(f.numbers, f.positions, charge=f.charge)
+    return fragmenter.fragmentations()
+
+
 def cached_graphs(source: str | os.PathLike, frames: Sequence[Frame], settings: FragmentSettings,
-                  extra: dict | None = None, progress: bool = False) -> tuple[LabelledGraphs, Path, bool]:
-    """Hypergraphs of ``frames`` read from ``source``; returns (graphs, cache file, reused?)."""
+                  extra: dict | None = None, progress: bool = False,
+                  pinned: Sequence = ()) -> tuple[LabelledGraphs, Path, bool]:
+    """Hypergraphs of ``frames`` read from ``source``; returns (graphs, cache file, reused?).
+
+    ``pinned``: fragmentations to use for their topologies (e.g. a training set's, for a
+    separate validation file); they are part of the cache key."""
+    if pinned:
+        extra = dict(extra or {}, pinned=[f.to_dict() for f in pinned])
     key = cache_key(source, settings, extra)
     path = cache_path(source, key)
     if path.is_file():
@@ -143,7 +160,7 @@ def cached_graphs(source: str | os.PathLike, frames: Sequence[Frame], settings: 
         if data is not None and len(data) == len(frames):
             log.info("reused hypergraph cache %s", path)
             return data, path, True
-    data = build_graphs(frames, settings, progress)
+    data = build_graphs(frames, settings, progress, pinned=pinned)
     save_h5(path, data, key)
     log.info("wrote hypergraph cache %s (%d frames)", path, len(data))
     return data, path, False

@@ -22,6 +22,7 @@ def evaluate_file(model_name: str, data: str, energy_key=None, forces_key=None, 
 
     from ..calculator import pick_device
     from ..data import read_frames
+    from ..fragment import Fragmenter
     from ..model import load_model
     from ..registry import resolve_model
     from .cache import build_graphs
@@ -31,7 +32,8 @@ def evaluate_file(model_name: str, data: str, energy_key=None, forces_key=None, 
     dev = pick_device(device)
     model, _ = load_model(resolve_model(model_name), dtype=dt, device=dev)
     frames = read_frames(data, energy_key=energy_key, forces_key=forces_key, index=index)
-    return evaluate(model, build_graphs(frames, model.config.fragment), batch_size, dev, dt)
+    pins = Fragmenter.for_model(model).fragmentations()
+    return evaluate(model, build_graphs(frames, model.config.fragment, pinned=pins), batch_size, dev, dt)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -31,7 +31,7 @@ from ..fragment import FragmentSettings
 from ..hypergraph import hypergraph_stats
 from ..model import ModelConfig, SE3SetModel, count_parameters, energy_and_forces, save_model
 from ..model.checkpoint import atomic_torch_save
-from .cache import LabelledGraphs, cached_graphs
+from .cache import LabelledGraphs, cached_graphs, training_fragmentations
 from .metrics import evaluate, format_table, make_batch, per_sample_loss
 
 log = logging.getLogger("se3set_ase")
@@ -230,6 +230,9 @@ def prepare_data(cfg: TrainConfig, settings: FragmentSettings | None = None):
     settings = settings or _fragment_settings(cfg, max(len(f) for f in frames))
     extra = {"energy_key": cfg.energy_key, "forces_key": cfg.forces_key}
     data, cache_file, reused = cached_graphs(src, frames, settings, extra, cfg.progress and _world()[0] == 0)
+    # what build_graphs froze for this file (one per topology): stored in the model files, pinned
+    # for the separate valid/test files here and by the calculator (Fragmenter.for_model)
+    pins = training_fragmentations(frames, settings)
     valid_default = 0.0 if cfg.valid_file else cfg.valid_size
     test_size = cfg.test_size if not cfg.test_file else 0.0
     train = cfg.train_size
@@ -244,8 +247,9 @@ def prepare_data(cfg: TrainConfig, settings: FragmentSettings | None = None):
     for name, f in (("valid", cfg.valid_file), ("test", cfg.test_file)):
         if f:
             fr = _read(_source_path(f), cfg)
-            sets[name], _, _ = cached_graphs(_source_path(f), fr, settings, extra, False)
-    return settings, sets, split, {"cache_file": str(cache_file), "cache_reused": reused, "source": src}
+            sets[name], _, _ = cached_graphs(_source_path(f), fr, settings, extra, False, pinned=pins)
+    return settings, sets, split, {"cache_file": str(cache_file), "cache_reused": reused, "source": src,
+                                   "fragmentations": [p.to_dict() for p in pins]}
 
 
 def _num(x):
@@ -340,6 +344,7 @@ def fit(cfg: TrainConfig, resume: bool = False, argv: list[str] | None = None,
         mcfg = ModelConfig.preset(cfg.preset, elements=data_elements, fragment=settings, **overrides)
     torch.manual_seed(cfg.seed)
     model = SE3SetModel(mcfg, dtype)
+    model.fragmentations = data_info.pop("fragmentations")  # saved with every model file
     if not ck:
         e_ref = cfg.element_energies or fit_element_energies(train, data_elements)
         missing = set(data_elements) - set(e_ref)
