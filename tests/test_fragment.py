@@ -440,4 +440,4 @@ def test_pinned_fragmentation_is_independent_of_the_first_geometry(tmp_path):
     hg3 = calc.fragmenter(f3)
     ref = Fragmenter(st, pinned=pins)(f3)
     assert torch.equal(hg3.v2e_src, ref.v2e_src) and torch.equal(hg3.v2e_dst, ref.v2e_dst)
-    assert not torch.equal(torch.as_tensor(hg3.v2e_src.shape), torch.as_tensor(Fragmenter(st)(f3).v2e_src.shape))
+    assert hg3.v2e_src.shape != Fragmenter(st)(f3).v2e_src.shape  # unpinned: frame 3's own choice

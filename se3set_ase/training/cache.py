@@ -54,7 +54,7 @@ def build_graphs(frames: Sequence[Frame], settings: FragmentSettings, progress: 
     for their topologies whatever the geometry, see :class:`Fragmenter`)."""
     from tqdm import tqdm
 
-    fragmenter = Fragmenter(settings, pinned=pinned)
+    fragmenter = Fragmenter(settings, cache_size=max(256, len(frames)), pinned=pinned)  # no eviction: one decision per topology
     graphs = [fragmenter(f.numbers, f.positions, charge=f.charge)
               for f in tqdm(frames, desc="fragmenting", disable=not progress, leave=False)]
     energies = np.array([np.nan if f.energy is None else f.energy for f in frames], dtype=np.float64)
