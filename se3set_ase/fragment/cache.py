@@ -99,7 +99,7 @@ class Fragmenter:
             self.last_topology_changed = False
             self.hits += 1
             return last[4], r, d
-        key = b"%d|%d|" % (len(z), charge) + zkey + np.packbits(adj).tobytes()
+        key = _topology_key(len(z), charge, zkey, adj)
         self.last_topology_changed = self._last_key is not None and key != self._last_key
         self._last_key = key
         frag = self._pinned.get(key)
@@ -154,4 +154,10 @@ def _pin_key(frag: Fragmentation) -> bytes:
     p = t.pairs()
     adj[p[:, 0], p[:, 1]] = True
     adj[p[:, 1], p[:, 0]] = True
-    return b"%d|%d|" % (len(z), t.charge) + z.tobytes() + np.packbits(adj).tobytes()
+    return _topology_key(len(z), t.charge, z.tobytes(), adj)
+
+
+def _topology_key(n: int, charge: int, zkey: bytes, adj: np.ndarray) -> bytes:
+    """Cache key of a topology: atom count, total charge, atomic numbers (int64 bytes) and the
+    boolean (N, N) connectivity matrix."""
+    return b"%d|%d|" % (n, charge) + zkey + np.packbits(adj).tobytes()
