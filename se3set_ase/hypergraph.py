@@ -146,6 +146,19 @@ def switch(d: torch.Tensor, r_c: float, width: float) -> torch.Tensor:
     return 0.5 * (1.0 + torch.cos(math.pi * x))
 
 
+def capturing(t: torch.Tensor) -> bool:
+    """True while ``t``'s CUDA stream is being captured into a CUDA graph, when no host sync
+    (``bool(tensor)``, ``.item()``) is allowed."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def has_switched_tokens(hg: Hypergraph) -> bool:
+    """Whether any token is switched. During a CUDA-graph capture this says True without a host
+    sync: the switched-token branch is then recorded, which is exact either way (tokens that are not
+    switched get weight 1)."""
+    return capturing(hg.token_switched) or bool(hg.token_switched.any())
+
+
 def token_weights(
     hg: Hypergraph, edge_length: torch.Tensor, r_c: float, width: float
 ) -> torch.Tensor:
@@ -157,12 +170,14 @@ def token_weights(
     ``edge_length`` holds |r_s - r_anchor| per v2e edge, shape (E,).
     """
     w = torch.ones(hg.num_tokens, dtype=edge_length.dtype, device=edge_length.device)
-    if not bool(hg.token_switched.any()):
+    if not has_switched_tokens(hg):
         return w
+    # every edge is computed and the others masked to 0 (no boolean indexing: its data-dependent
+    # size would need a host sync, which a CUDA-graph capture forbids)
     on_switched = hg.token_switched[hg.v2e_dst]
-    d = edge_length[on_switched]
-    log_off = torch.log(torch.clamp(1.0 - switch(d, r_c, width), min=1e-30))
-    acc = torch.zeros_like(w).index_add(0, hg.v2e_dst[on_switched], log_off)
+    log_off = torch.log(torch.clamp(1.0 - switch(edge_length, r_c, width), min=1e-30))
+    log_off = torch.where(on_switched, log_off, torch.zeros_like(log_off))
+    acc = torch.zeros_like(w).index_add(0, hg.v2e_dst, log_off)
     return torch.where(hg.token_switched, 1.0 - torch.exp(acc), w)
 
 

@@ -282,3 +282,76 @@ def test_cuda_float32_matches_cpu_float64(model, tmp_path):
     assert np.abs(f_cpu).max() > 1e-2
     assert abs(e_gpu - e_cpu) <= 1e-4 * abs(e_cpu)
     assert np.abs(f_gpu - f_cpu).max() <= 1e-4 * np.abs(f_cpu).max()
+
+
+def test_cuda_graph_needs_cuda(model):
+    with pytest.raises(ValueError, match="CUDA device"):
+        SE3SetCalculator(model, device="cpu", cuda_graph=True)
+    assert SE3SetCalculator(model, device="cpu").graphed is None  # off by default on the CPU
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_replay_matches_eager_and_recaptures_on_new_topology(tmp_path):
+    """Graph replay gives the eager numbers over an MD-like sequence of geometries (implicit
+    cross tokens switching included: DHA with MD22 fragments), captures once per topology, and
+    captures again for another molecule and reuses the first graph when it comes back."""
+    import ase.io
+
+    from pathlib import Path
+
+    path = save_model(randomised(preset="md22"), tmp_path / "m.pt", dtype=torch.float64)
+    graphed = SE3SetCalculator(path, device="cuda")
+    eager = SE3SetCalculator(path, device="cuda", cuda_graph=False)
+    assert graphed.graphed is not None and eager.graphed is None
+    dha = ase.io.read(Path(__file__).parent / "data" / "dha.xyz")
+    rng = np.random.default_rng(0)
+    for k in range(4):
+        a = dha.copy()
+        a.positions += rng.normal(scale=0.03, size=a.positions.shape)
+        f_g, f_e = graphed.get_forces(a), eager.get_forces(a)
+        assert np.abs(f_e).max() > 1e-2
+        assert np.abs(f_g - f_e).max() <= 1e-5 * np.abs(f_e).max()
+        assert abs(graphed.get_potential_energy(a) - eager.get_potential_energy(a)) <= 1e-6 * abs(
+            eager.get_potential_energy(a))
+    assert graphed.graphed.captures == 1
+    eth = molecule("CH3CH2OH")
+    assert np.allclose(graphed.get_forces(eth), eager.get_forces(eth), rtol=0, atol=1e-5 * np.abs(eager.get_forces(eth)).max())
+    assert graphed.graphed.captures == 2
+    graphed.get_forces(dha)
+    assert graphed.graphed.captures == 2
+
+
+def test_verlet_skin_changes_no_energy_and_keeps_the_token_list():
+    """A 1 Å skin on the implicit cross tokens (the calculator's default with CUDA graphs) gives
+    the energies and forces of no skin over a random walk in which the plain token list changes,
+    while its own token list stays the same until an atom has moved half the skin."""
+    import ase.io
+
+    from pathlib import Path
+
+    model = randomised(preset="md22")
+    plain = SE3SetCalculator(model, device="cpu", skin=0.0)
+    skinned = SE3SetCalculator(model, device="cpu", skin=1.0)
+    a = ase.io.read(Path(__file__).parent / "data" / "dha.xyz")
+    start = a.positions.copy()
+    rng = np.random.default_rng(1)
+    n_plain, n_skin = set(), set()
+    for step in range(8):
+        a.positions += rng.normal(scale=0.02, size=a.positions.shape)
+        assert np.linalg.norm(a.positions - start, axis=1).max() < 0.5
+        f0, f1 = plain.get_forces(a), skinned.get_forces(a)
+        assert abs(plain.get_potential_energy(a) - skinned.get_potential_energy(a)) < 1e-9
+        assert np.abs(f0 - f1).max() < 1e-9
+        n_plain.add(plain.fragmenter(a).num_tokens)
+        n_skin.add(skinned.fragmenter(a).num_tokens)
+    assert len(n_plain) > 1, "the walk should move some cross token across r_c"
+    assert len(n_skin) == 1 and n_skin.pop() > max(n_plain)
+    # past half the skin (a rotation moves the outer atoms by over 1 Å) the list is rebuilt
+    a.rotate(40, "z", center="COM")
+    assert abs(plain.get_potential_energy(a) - skinned.get_potential_energy(a)) < 1e-9
+    assert np.abs(plain.get_forces(a) - skinned.get_forces(a)).max() < 1e-9
+
+
+def test_negative_skin_is_refused(model):
+    with pytest.raises(ValueError, match="skin"):
+        SE3SetCalculator(model, device="cpu", skin=-0.5)

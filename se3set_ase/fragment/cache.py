@@ -28,11 +28,19 @@ class Fragmenter:
     (never evicted). Kernel merging and explicit overlaps are decided from geometric bond orders,
     so without a pin the first geometry seen decides them; a model pins the ones it was trained
     on (:meth:`for_model`), so that every starting geometry gets the training hypergraph.
+
+    ``skin`` (Å, implicit fragments only): list the switched cross tokens up to ``implicit_rc +
+    skin`` and keep the list until an atom has moved ``skin / 2`` (a Verlet list). The extra
+    tokens have weight exactly 0, so energies and forces are unchanged, but the index tensors
+    then stay the same over many MD steps, which lets the calculator replay a CUDA graph.
     """
 
     def __init__(self, settings: FragmentSettings | None = None, cache_size: int = 256,
-                 pinned: Iterable[Fragmentation] = ()):
+                 pinned: Iterable[Fragmentation] = (), skin: float = 0.0):
+        if not skin >= 0:
+            raise ValueError(f"skin must be >= 0 Å, got {skin}")
         self.settings = FragmentSettings() if settings is None else settings
+        self.skin = float(skin)
         self.cache_size = int(cache_size)
         self._pinned = {_pin_key(f): f for f in pinned}
         self._cache: OrderedDict[bytes, Fragmentation] = OrderedDict()
@@ -44,11 +52,11 @@ class Fragmenter:
         self.misses = 0
 
     @classmethod
-    def for_model(cls, model, cache_size: int = 256) -> "Fragmenter":
+    def for_model(cls, model, cache_size: int = 256, skin: float = 0.0) -> "Fragmenter":
         """The fragmenter of a model: its settings and the fragmentations it was trained on."""
         settings = model.config.fragment
         pins = [Fragmentation.from_dict(d, settings) for d in getattr(model, "fragmentations", ())]
-        return cls(settings, cache_size, pinned=pins)
+        return cls(settings, cache_size, pinned=pins, skin=skin)
 
     def fragmentations(self) -> list[Fragmentation]:
         """The fragmentations decided so far (pinned first), in the order they were made."""
@@ -131,7 +139,7 @@ class Fragmenter:
         The charge comes from the argument, else ``atoms.info["charge"]``, else 0.
         """
         frag, r, d = self._lookup(structure, positions, charge)
-        return frag.hypergraph(r, dtype=dtype, d=d)
+        return frag.hypergraph(r, dtype=dtype, d=d, skin=self.skin)
 
     def batch(self, structures: Iterable, dtype: torch.dtype = torch.float64) -> Hypergraph:
         """Collate many structures (``ase.Atoms`` or ``(numbers, positions[, charge])``)."""

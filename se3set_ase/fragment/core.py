@@ -129,14 +129,23 @@ class Fragmentation:
         return self._builder.cross_tokens(d, self.settings.implicit_rc)
 
     def hypergraph(self, positions, dtype: torch.dtype = torch.float64,
-                   d: np.ndarray | None = None) -> Hypergraph:
-        """Hypergraph tensors at ``positions`` (same as ``hypergraph.from_tokens``)."""
+                   d: np.ndarray | None = None, skin: float = 0.0) -> Hypergraph:
+        """Hypergraph tensors at ``positions`` (same as ``hypergraph.from_tokens``).
+
+        ``skin`` (Å, implicit mode): also list the cross tokens up to ``implicit_rc + skin`` and
+        keep that list while no atom moved ``skin / 2`` (see ``TensorBuilder.cross_tokens_skin``):
+        same energy, index tensors that change rarely during MD.
+        """
         r = np.asarray(positions, dtype=np.float64)
         if r.shape != (self.topology.num_atoms, 3):
             raise ValueError(f"positions must have shape ({self.topology.num_atoms}, 3), got {r.shape}")
         if self.settings.mode == "explicit":
             return self._builder.static(r, dtype)
-        return self._builder.with_cross(r, self.cross_tokens(r, d), dtype)
+        if skin > 0:
+            cross = self._builder.cross_tokens_skin(r, self.settings.implicit_rc, skin, d)
+        else:
+            cross = self.cross_tokens(r, d)
+        return self._builder.with_cross(r, cross, dtype)
 
 
 def _canon(atoms, ranks) -> tuple[int, ...]:

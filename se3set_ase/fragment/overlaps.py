@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..hypergraph import Hypergraph
+from .errors import distance_matrix
 
 
 def explicit_overlaps(kernel_groups, isolated, gsum: np.ndarray, c_w: float) -> list[list[int]]:
@@ -60,6 +61,7 @@ class TensorBuilder:
         # implicit mode: atom -> own kernel, and members ordered by kernel for min-reductions
         self._arange = np.arange(self.n, dtype=np.int64)
         self._last = None  # (cross tokens, index tensors) of the previous call
+        self._verlet = None  # (skin, reference positions, cross tokens within r_c + skin)
         # members padded to the largest hyperedge (pad = repeat of the first member) + mask
         kmax = int(sizes.max()) if len(sizes) else 0
         self.pad = np.zeros((len(sizes), kmax), dtype=np.int64)
@@ -104,6 +106,25 @@ class TensorBuilder:
         out[:, 0] = h
         out[:, 1] = i
         return out
+
+    def cross_tokens_skin(self, positions: np.ndarray, r_c: float, skin: float,
+                          d: np.ndarray | None = None) -> np.ndarray:
+        """Cross tokens within ``r_c + skin`` (Å) of a reference geometry, kept until some atom has
+        moved ``skin / 2`` from it (a Verlet list). Every (h, i) with an atom of h within r_c of i
+        now is in the list, since no distance has shrunk by ``skin`` or more; the extra tokens are
+        beyond r_c, where their weight is exactly 0 and they contribute nothing. So the energy is
+        that of :meth:`cross_tokens` at ``r_c`` (to rounding), while the index tensors stay the
+        same over many MD steps (what a CUDA graph needs)."""
+        ref = self._verlet
+        if ref is not None and ref[0] == skin:
+            moved2 = ((positions - ref[1]) ** 2).sum(axis=1).max() if len(positions) else 0.0
+            if moved2 < (0.5 * skin) ** 2:
+                return ref[2]
+        if d is None:
+            d = distance_matrix(positions)
+        cross = self.cross_tokens(d, r_c + skin)
+        self._verlet = (skin, positions.copy(), cross)
+        return cross
 
     def with_cross(self, positions, cross: np.ndarray, dtype=torch.float64) -> Hypergraph:
         """Hypergraph of the fixed hyperedges plus switched tokens ``cross`` (C, 2) of (h, i).

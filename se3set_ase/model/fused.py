@@ -38,7 +38,7 @@ from typing import Sequence
 import torch
 from e3nn import o3
 
-from ..hypergraph import Hypergraph, token_weights
+from ..hypergraph import Hypergraph, has_switched_tokens, token_weights
 from .attention import HyperAttention, segment_softmax
 from .layers import EquivariantLayerNorm, GatedFFN, IrrepsLinear, RadialMLP
 
@@ -466,7 +466,7 @@ def fused_forward(model, hg: Hypergraph) -> Tensor:
     basis = model.basis(length)
     frag = model.config.fragment
     w_tok = None
-    if bool(hg.token_switched.any()):
+    if has_switched_tokens(hg):
         w_tok = token_weights(hg, length, frag.implicit_rc, frag.switch_width)
 
     n_atoms, n_tok = hg.num_atoms, hg.num_tokens

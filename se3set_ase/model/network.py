@@ -18,7 +18,7 @@ import torch
 from e3nn import o3
 from torch import nn
 
-from ..hypergraph import Hypergraph, token_weights
+from ..hypergraph import Hypergraph, capturing, has_switched_tokens, token_weights
 from .attention import HyperAttention
 from .config import ModelConfig
 from .fused import fused_forward
@@ -133,7 +133,9 @@ class SE3SetModel(nn.Module):
     def element_indices(self, numbers: torch.Tensor) -> torch.Tensor:
         known = numbers < self.z_to_index.shape[0]
         idx = torch.where(known, self.z_to_index[numbers.clamp(max=self.z_to_index.shape[0] - 1)], -1)
-        if bool((idx < 0).any()):
+        # no check inside a CUDA-graph capture (no host sync there): the eager warm-up runs before
+        # every capture checked the same numbers
+        if not capturing(idx) and bool((idx < 0).any()):
             from ase.data import chemical_symbols
 
             bad = sorted({int(z) for z in numbers[idx < 0].tolist()})
@@ -162,7 +164,7 @@ class SE3SetModel(nn.Module):
         basis = self.basis(length)
         frag = self.config.fragment
         w_tok = None
-        if bool(hg.token_switched.any()):
+        if has_switched_tokens(hg):
             w_tok = token_weights(hg, length, frag.implicit_rc, frag.switch_width)
 
         n_atoms, n_tok, dim = hg.num_atoms, hg.num_tokens, self.irreps_node.dim

@@ -1,0 +1,111 @@
+"""Energy and forces replayed from a CUDA graph, for a molecule whose hypergraph keeps its indices.
+
+One force call of SE3Set is a few thousand small kernels (per block, per irrep type, forward and
+backward). On a GPU the CPU cost of launching them through Python and the dispatcher, not the
+arithmetic, sets the time of a call. In MD or an optimisation the hypergraph of a molecule keeps
+its index tensors from step to step: the fragmentation is cached per bond topology, and implicit
+cross tokens switch on and off smoothly through their weights, which are computed from the
+positions inside the network. So the whole energy + forces computation is captured once per
+topology as a CUDA graph and replayed with new positions: one copy in, one replay, one copy out.
+
+A new topology (other index tensors, another molecule) is captured anew; the last
+``max_graphs`` topologies are kept. Results equal those of
+:func:`se3set_ase.model.network.energy_and_forces` (same kernels, same order).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, fields
+
+import torch
+
+from ..hypergraph import Hypergraph
+from .network import SE3SetModel, energy_and_forces
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class _Captured:
+    template: Hypergraph  # the topology on the CPU (positions ignored), to recognise it again
+    static: Hypergraph  # the same on the device; static.positions is the graph's input buffer
+    graph: torch.cuda.CUDAGraph
+    energy: Tensor  # (G,) outputs written by every replay
+    forces: Tensor  # (N, 3)
+    e_atom: Tensor  # (N,)
+
+
+def _same_topology(a: Hypergraph, b: Hypergraph) -> bool:
+    """All fields but the positions are equal (indices, elements, batch, sizes)."""
+    for f in fields(Hypergraph):
+        if f.name == "positions":
+            continue
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if x is y:  # the fragmenter hands out the same index tensors while the token list holds
+            continue
+        if isinstance(x, Tensor):
+            if x.shape != y.shape or not torch.equal(x, y):
+                return False
+        elif x != y:
+            return False
+    return a.positions.shape == b.positions.shape
+
+
+class GraphedEnergyForces:
+    """``energy_and_forces(model, hg)`` through CUDA graphs, one per hypergraph topology.
+
+    ``model`` must live on a CUDA device with parameters that need no gradient (an inference
+    model, as in the calculator). Call with a hypergraph on the CPU (as the fragmenter makes it):
+    returns total energies (G,) eV, forces (N, 3) eV/Å and per-atom energies (N,) eV, on the
+    model's device, as new tensors (the graph's own outputs are overwritten by the next replay).
+    """
+
+    def __init__(self, model: SE3SetModel, max_graphs: int = 4, warmup: int = 2):
+        self.device = next(model.parameters()).device
+        if self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a model on a CUDA device, not {self.device}")
+        if any(p.requires_grad for p in model.parameters()):
+            raise ValueError("CUDA-graph replay is for inference: set requires_grad_(False) on the parameters")
+        self.model = model
+        self.max_graphs = max_graphs
+        self.warmup = warmup
+        self._graphs: OrderedDict[int, _Captured] = OrderedDict()
+        self._next_key = 0
+        self.captures = 0  # how many topologies were captured (a new one each time the indices change)
+
+    def _find(self, hg: Hypergraph) -> _Captured | None:
+        for key, cap in self._graphs.items():
+            if _same_topology(cap.template, hg):
+                self._graphs.move_to_end(key)
+                return cap
+        return None
+
+    def _capture(self, hg: Hypergraph) -> _Captured:
+        dtype = self.model.dtype
+        static = hg.to(self.device, dtype)
+        # eager runs on a side stream first: they check the elements, fill the model's caches
+        # (Clebsch-Gordan tensors, layouts) and warm cuBLAS, none of which may happen in a capture
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                energy_and_forces(self.model, static, training=False)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            energy, forces, e_atom = energy_and_forces(self.model, static, training=False)
+        template = Hypergraph(**{f.name: getattr(hg, f.name) for f in fields(Hypergraph)})
+        self.captures += 1
+        return _Captured(template, static, graph, energy, forces, e_atom)
+
+    def __call__(self, hg: Hypergraph) -> tuple[Tensor, Tensor, Tensor]:
+        cap = self._find(hg)
+        if cap is None:
+            cap = self._capture(hg)
+            self._graphs[self._next_key] = cap
+            self._next_key += 1
+            while len(self._graphs) > self.max_graphs:
+                self._graphs.popitem(last=False)
+        cap.static.positions.copy_(hg.positions.to(cap.static.positions.dtype))
+        cap.graph.replay()
+        return cap.energy.clone(), cap.forces.clone(), cap.e_atom.clone()
