@@ -148,6 +148,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer repeats; training at the small preset only")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--presets", default="paper,small")
+    ap.add_argument("--train-batches", default="32,128", type=lambda t: [int(b) for b in t.split(",") if b],
+                    help="CUDA only: batch sizes of DHA copies for the samples/s sweep (default 32,128)")
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -226,6 +228,21 @@ def main() -> None:
                     if device.type == "cuda" else "")
             print(f"{preset:7s} {path:6s} {ms:10.1f} {8000.0 / ms:10.2f}{peak}", flush=True)
         print(f"{preset:7s} speed-up fused/plain: {train_ms[(preset, 'plain')] / train_ms[(preset, 'fused')]:.2f}x")
+        # a GPU is launch-bound at batch 8: larger batches cost little more per step
+        for bs in (args.train_batches if device.type == "cuda" else []):
+            big = collate([graphs[k % 8] for k in range(bs)]).to(device, torch.float32)
+            fb_ref, eb_ref = torch.zeros_like(big.positions), torch.zeros(big.num_graphs, device=device)
+
+            def big_step():
+                opt.zero_grad(set_to_none=True)
+                e, f, _ = fused_energy_and_forces(model, big, training=True)
+                ((e - eb_ref).pow(2).mean() + 100.0 * (f - fb_ref).pow(2).mean()).backward()
+                opt.step()
+            torch.cuda.reset_peak_memory_stats(device)
+            ms = timeit(big_step, device, 2 if args.quick else 5, warmup=1, budget_s=60.0)
+            train_ms[(preset, f"fused b{bs}")] = ms
+            print(f"{preset:7s} fused batch {bs:4d}: {ms:8.1f} ms/step {1000.0 * bs / ms:8.1f} samples/s  "
+                  f"peak {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB", flush=True)
 
     # ---------------------------------------------------------------- (c) fragmentation
     print("\n## (c) fragmentation per MD step, topology cached (jittered geometries), ms")

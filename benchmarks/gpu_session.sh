@@ -10,7 +10,8 @@
 #       ase.io.read('../shared/data/gfn2/stachyose.extxyz', index=0))"
 # Each step has its own time limit so that a slow one cannot starve the rest.
 #   1. CUDA tests (calculator CUDA float32 vs CPU float64, model and fused-path tests)
-#   2. bench_speed.py --device cuda: ms per force call, training samples/s, peak MiB
+#   2. bench_speed.py --device cuda: ms per force call (eager and CUDA graph), training samples/s at
+#      batch 8, 32 and 128, peak MiB
 #   3. fit on CUDA (aspirin, small preset): a run cut by --max-time, then --resume on CUDA
 # SKIP_FIT=1 stops after 2; TESTS="tests/x.py ..." picks the test files of step 1.
 set -uo pipefail
