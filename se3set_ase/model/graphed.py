@@ -99,6 +99,10 @@ class GraphedEnergyForces:
         return _Captured(template, static, graph, energy, forces, e_atom)
 
     def __call__(self, hg: Hypergraph) -> tuple[Tensor, Tensor, Tensor]:
+        with torch.cuda.device(self.device):  # the model's GPU, also when it is not the current one
+            return self._call(hg)
+
+    def _call(self, hg: Hypergraph) -> tuple[Tensor, Tensor, Tensor]:
         cap = self._find(hg)
         if cap is None:
             cap = self._capture(hg)
