@@ -288,6 +288,10 @@ def test_cuda_graph_needs_cuda(model):
     with pytest.raises(ValueError, match="CUDA device"):
         SE3SetCalculator(model, device="cpu", cuda_graph=True)
     assert SE3SetCalculator(model, device="cpu").graphed is None  # off by default on the CPU
+    from se3set_ase.model.graphed import GraphedEnergyForces
+
+    with pytest.raises(ValueError, match="CUDA device"):
+        GraphedEnergyForces(model)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
