@@ -45,7 +45,7 @@ class SE3SetCalculator(Calculator):
     dtype: ``torch.float32`` (default on CUDA) or ``torch.float64`` (default on CPU; needed for
         tight energy conservation checks).
     charge: total charge for bond perception; default ``atoms.info["charge"]`` or 0.
-    cuda_graph: replay energy + forces from a CUDA graph captured once per bond topology
+    cuda_graph: replay energy + forces from a CUDA graph captured once per hypergraph topology
         (:mod:`se3set_ase.model.graphed`); default True on CUDA. Same numbers, several times
         faster for molecules of up to a few hundred atoms, where launching kernels sets the time.
     skin: Verlet skin (Å) of the implicit cross tokens (``Fragmenter``): the token list, hence the

@@ -3,10 +3,11 @@
 One force call of SE3Set is a few thousand small kernels (per block, per irrep type, forward and
 backward). On a GPU the CPU cost of launching them through Python and the dispatcher, not the
 arithmetic, sets the time of a call. In MD or an optimisation the hypergraph of a molecule keeps
-its index tensors from step to step: the fragmentation is cached per bond topology, and implicit
-cross tokens switch on and off smoothly through their weights, which are computed from the
-positions inside the network. So the whole energy + forces computation is captured once per
-topology as a CUDA graph and replayed with new positions: one copy in, one replay, one copy out.
+its index tensors from step to step: the fragmentation is cached per bond topology, and the
+implicit cross tokens, listed with a Verlet skin (``Fragmenter(skin=...)``), keep their list for
+many steps while their weights, computed from the positions inside the network, switch smoothly.
+So the whole energy + forces computation is captured once per topology as a CUDA graph and
+replayed with new positions: one copy in, one replay, one copy out.
 
 A new topology (other index tensors, another molecule) is captured anew; the last
 ``max_graphs`` topologies are kept. Results equal those of
