@@ -166,6 +166,38 @@ def test_resume_after_kill(data_file, tmp_path, kill_step):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_sigterm_stops_cleanly_and_resumes_exactly(data_file, tmp_path, monkeypatch, capsys):
+    """SIGTERM mid-run (a scheduler's pre-emption): the step finishes, the checkpoint is written,
+    fit returns, the previous handler is back, and --resume reaches the unbroken run's weights."""
+    import os
+    import signal
+
+    import se3set_ase.training.loop as loop
+
+    fit(config(data_file, tmp_path / "a"))
+    real, calls = loop.make_batch, []
+
+    def make_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives before step 5 ends
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "make_batch", make_batch)
+    before = signal.getsignal(signal.SIGTERM)
+    cfg = config(data_file, tmp_path / "b")
+    result = fit(cfg)
+    assert result["stopped"] == "SIGTERM" and result["steps"] == 5
+    assert "stopped by SIGTERM at step 5; continue with --resume" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)["state"]["step"] == 5
+    monkeypatch.setattr(loop, "make_batch", real)
+    fit(cfg, resume=True)
+    a, b = weights(tmp_path / "a" / "last.ckpt"), weights(tmp_path / "b" / "last.ckpt")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def test_torchrun_gloo_equals_single_process(data_file, tmp_path):
     """2 processes (DDP, gloo) compute the same training as 1 process."""
     common = ["--preset", "tiny", "--model", '{"num_blocks": 1}', "--valid-size", "8", "--batch-size", "4",

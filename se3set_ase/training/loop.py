@@ -17,6 +17,8 @@ import csv
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -106,6 +108,48 @@ def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+class _StopSignals:
+    """SIGTERM or SIGINT (a scheduler's pre-emption, Ctrl-C) during ``fit``: the current step ends,
+    the checkpoint is written and the run stops as with ``--max-time``, to be continued with
+    ``--resume``. A second signal acts as it would without this. Installed from the main thread
+    only (signal handlers cannot be set elsewhere); under torchrun every rank stops at the same step."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.name is not None:  # the second signal: what it would have done without us
+            signal.signal(signum, self._previous.pop(signum, signal.SIG_DFL))
+            signal.raise_signal(signum)
+            return
+        self.name = signal.Signals(signum).name
+        log.warning("%s received: stopping after this step and writing the checkpoint", self.name)
+
+    def received(self, world: int, device: torch.device) -> bool:
+        """Whether to stop now; with several ranks, whether any rank got a signal."""
+        if world == 1:
+            return self.name is not None
+        flag = torch.tensor([0 if self.name is None else 1], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self.name is None:
+            self.name = "SIGTERM"  # another rank's signal
+        return bool(flag.item())
 
 
 def _maybe_init_distributed(device: torch.device) -> None:
@@ -396,90 +440,97 @@ def fit(cfg: TrainConfig, resume: bool = False, argv: list[str] | None = None,
     stopped = None
     run_loss = run_f = run_e = 0.0
     n_run = 0
-    while state["step"] < total_steps and stopped is None:
-        perm = np.random.default_rng([cfg.seed, state["epoch"]]).permutation(len(train))
-        batches = [perm[i:i + cfg.batch_size] for i in range(0, len(train), cfg.batch_size)]
-        model.train()
-        # learning rate of the last step taken (reported at the epoch's end, also when a resumed
-        # run starts exactly at an epoch's end)
-        lr = lr_at(cfg, max(state["step"] - 1, 0), total_steps, state["plateau_factor"])
-        for bi in range(state["batch_in_epoch"], len(batches)):
-            lr = lr_at(cfg, state["step"], total_steps, state["plateau_factor"])
-            for g in opt.param_groups:
-                g["lr"] = lr
-            global_idx = batches[bi]
-            b = make_batch(train, global_idx[rank::world], device, dtype)
-            e, f, _ = energy_and_forces(ddp, b.graph, training=True)
-            loss = per_sample_loss(e, f, b, cfg.energy_weight, cfg.forces_weight).sum() * world / len(global_idx)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip_grad:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            opt.step()
-            ema.update(model)
-            state["step"] += 1
-            state["batch_in_epoch"] = bi + 1
-            with torch.no_grad():
-                run_loss += float(loss) / world
-                run_e += float((e - b.energy).abs().mean()) * 1000
-                run_f += float((f - b.forces).abs().mean()) * 1000
-                n_run += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{run_loss / n_run:.3g}", E_meV=f"{run_e / n_run:.1f}", F_meV_A=f"{run_f / n_run:.1f}")
-            state["elapsed"] = time.time() - t_start
-            if cfg.max_time is not None and state["elapsed"] >= cfg.max_time:
-                stopped = "max_time"
-            elif cfg.max_steps is not None and state["step"] >= cfg.max_steps:
-                stopped = "max_steps"
-            elif state["step"] >= total_steps:
-                break
-            if stopped or (state["step"] % cfg.save_every_steps == 0
-                           or time.time() - last_save > 60 * cfg.save_every_minutes):
-                save_ckpt()
-                last_save = time.time()
-            if stopped:
-                break
-        if state["batch_in_epoch"] >= len(batches):  # epoch finished
-            state["epoch"] += 1
-            state["batch_in_epoch"] = 0
-            if state["epoch"] % cfg.valid_every == 0 or state["step"] >= total_steps:
-                metrics = validate()
-                row = {"epoch": state["epoch"], "step": state["step"], "lr": lr,
-                       "train_loss": run_loss / max(n_run, 1), "train_energy_mae_meV": run_e / max(n_run, 1),
-                       "train_forces_mae_meV_A": run_f / max(n_run, 1), "time_s": state["elapsed"]}
-                row.update({f"valid_{k}": v for k, v in metrics.items() if k != "n_frames"})
-                state["history"].append(row)
-                run_loss = run_e = run_f = 0.0
-                n_run = 0
-                # checkpoint metric: w_E E_MAE + w_F F_MAE (eV, eV/Å), as the reference's 1:100
-                score = (cfg.energy_weight * metrics["energy_mae_meV"]
-                         + cfg.forces_weight * metrics["forces_mae_meV_A"]) / 1000 if metrics else -state["step"]
-                if cfg.schedule == "plateau" and metrics:
-                    if score < state["plateau_best"]:
-                        state["plateau_best"], state["plateau_bad"] = score, 0
-                    else:
-                        state["plateau_bad"] += 1
-                        if state["plateau_bad"] > cfg.plateau_patience:
-                            state["plateau_factor"] *= cfg.plateau_factor
-                            state["plateau_bad"] = 0
-                if score < state["best"] and rank == 0:
-                    state["best"] = score
-                    ema.swap(model)
-                    save_model(model, out / "best.pt", {"step": state["step"], "valid": metrics})
-                    ema.swap(model)
-                if rank == 0:
-                    write_reports(out, state["history"])
-                    bar.write(f"epoch {state['epoch']:>4} step {state['step']:>6}  valid: E MAE "
-                              f"{metrics.get('energy_mae_meV', float('nan')):.2f} meV, F MAE "
-                              f"{metrics.get('forces_mae_meV_A', float('nan')):.2f} meV/Å")
-                save_ckpt()
-                last_save = time.time()
+    signals = _StopSignals().install()
+    try:
+        while state["step"] < total_steps and stopped is None:
+            perm = np.random.default_rng([cfg.seed, state["epoch"]]).permutation(len(train))
+            batches = [perm[i:i + cfg.batch_size] for i in range(0, len(train), cfg.batch_size)]
+            model.train()
+            # learning rate of the last step taken (reported at the epoch's end, also when a resumed
+            # run starts exactly at an epoch's end)
+            lr = lr_at(cfg, max(state["step"] - 1, 0), total_steps, state["plateau_factor"])
+            for bi in range(state["batch_in_epoch"], len(batches)):
+                lr = lr_at(cfg, state["step"], total_steps, state["plateau_factor"])
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                global_idx = batches[bi]
+                b = make_batch(train, global_idx[rank::world], device, dtype)
+                e, f, _ = energy_and_forces(ddp, b.graph, training=True)
+                loss = per_sample_loss(e, f, b, cfg.energy_weight, cfg.forces_weight).sum() * world / len(global_idx)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.clip_grad:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                opt.step()
+                ema.update(model)
+                state["step"] += 1
+                state["batch_in_epoch"] = bi + 1
+                with torch.no_grad():
+                    run_loss += float(loss) / world
+                    run_e += float((e - b.energy).abs().mean()) * 1000
+                    run_f += float((f - b.forces).abs().mean()) * 1000
+                    n_run += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{run_loss / n_run:.3g}", E_meV=f"{run_e / n_run:.1f}", F_meV_A=f"{run_f / n_run:.1f}")
+                state["elapsed"] = time.time() - t_start
+                if cfg.max_time is not None and state["elapsed"] >= cfg.max_time:
+                    stopped = "max_time"
+                elif cfg.max_steps is not None and state["step"] >= cfg.max_steps:
+                    stopped = "max_steps"
+                elif signals.received(world, device):
+                    stopped = signals.name
+                elif state["step"] >= total_steps:
+                    break
+                if stopped or (state["step"] % cfg.save_every_steps == 0
+                               or time.time() - last_save > 60 * cfg.save_every_minutes):
+                    save_ckpt()
+                    last_save = time.time()
+                if stopped:
+                    break
+            if state["batch_in_epoch"] >= len(batches):  # epoch finished
+                state["epoch"] += 1
+                state["batch_in_epoch"] = 0
+                if state["epoch"] % cfg.valid_every == 0 or state["step"] >= total_steps:
+                    metrics = validate()
+                    row = {"epoch": state["epoch"], "step": state["step"], "lr": lr,
+                           "train_loss": run_loss / max(n_run, 1), "train_energy_mae_meV": run_e / max(n_run, 1),
+                           "train_forces_mae_meV_A": run_f / max(n_run, 1), "time_s": state["elapsed"]}
+                    row.update({f"valid_{k}": v for k, v in metrics.items() if k != "n_frames"})
+                    state["history"].append(row)
+                    run_loss = run_e = run_f = 0.0
+                    n_run = 0
+                    # checkpoint metric: w_E E_MAE + w_F F_MAE (eV, eV/Å), as the reference's 1:100
+                    score = (cfg.energy_weight * metrics["energy_mae_meV"]
+                             + cfg.forces_weight * metrics["forces_mae_meV_A"]) / 1000 if metrics else -state["step"]
+                    if cfg.schedule == "plateau" and metrics:
+                        if score < state["plateau_best"]:
+                            state["plateau_best"], state["plateau_bad"] = score, 0
+                        else:
+                            state["plateau_bad"] += 1
+                            if state["plateau_bad"] > cfg.plateau_patience:
+                                state["plateau_factor"] *= cfg.plateau_factor
+                                state["plateau_bad"] = 0
+                    if score < state["best"] and rank == 0:
+                        state["best"] = score
+                        ema.swap(model)
+                        save_model(model, out / "best.pt", {"step": state["step"], "valid": metrics})
+                        ema.swap(model)
+                    if rank == 0:
+                        write_reports(out, state["history"])
+                        bar.write(f"epoch {state['epoch']:>4} step {state['step']:>6}  valid: E MAE "
+                                  f"{metrics.get('energy_mae_meV', float('nan')):.2f} meV, F MAE "
+                                  f"{metrics.get('forces_mae_meV_A', float('nan')):.2f} meV/Å")
+                    save_ckpt()
+                    last_save = time.time()
+    finally:
+        signals.restore()
     bar.close()
     save_ckpt()
     result: dict[str, Any] = {"steps": state["step"], "epochs": state["epoch"], "elapsed_s": state["elapsed"],
                               "stopped": stopped or "done", "checkpoint": str(_ckpt_path(cfg)), **data_info}
     if stopped and rank == 0:
-        print(f"stopped by --{stopped.replace('_', '-')} at step {state['step']}; continue with --resume "
+        why = stopped if stopped.startswith("SIG") else f"--{stopped.replace('_', '-')}"
+        print(f"stopped by {why} at step {state['step']}; continue with --resume "
               "(the model file below holds the best weights so far)")
     # final: best EMA weights (or the last EMA weights when there was no validation)
     if (out / "best.pt").is_file():
