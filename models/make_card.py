@@ -535,7 +535,9 @@ def render_card(c: dict) -> str:
         f"- file `{d['path']}` (sha256 `{d['sha256'][:16]}…`), {d['n_frames']} frames of {d['formula']} ({d['n_atoms']} atoms)",
         f"- level of theory: {d['level_of_theory']}",
         f"- source: {d['source']}",
-        f"- split (`{s['function']}`, seed {s['seed']}): train {s['train']}, valid {s['valid']}, test {s['test']} "
+        f"- split (`{s['function']}`, seed {s['seed']}"
+        + (f", in blocks of {s['block']} consecutive frames" if s.get("block", 1) != 1 else "")
+        + f"): train {s['train']}, valid {s['valid']}, test {s['test']} "
         f"(unused: {s['n'] - s['train'] - s['valid'] - s['test']})",
     ]
     if s["check"]:
@@ -603,9 +605,14 @@ def render_card(c: dict) -> str:
                      f"~{lim['md17_energy_label_noise_meV']:g} meV (MAE ~5.6 meV, max ~24 meV): energy errors below "
                      "~6 meV cannot be measured on these frames; the force labels are the original DFT ones.")
     if d["kind"] == "gfn2":
+        block = s.get("block", 1)
+        how = (f"split in blocks of {block} consecutive frames ({10 * block} fs), so only test frames at a "
+               "block's edge have a training frame 10 fs away; the test errors are still those of the sampled "
+               "trajectory's conformers, optimistic for new ones." if block != 1 else
+               "split at random, so test frames have near neighbours in the training set and the test errors "
+               "are optimistic for new conformers.")
         lines.append("- GFN2-xTB is a semi-empirical method, not DFT. The frames are one correlated trajectory "
-                     "(10 fs apart) split at random, so test frames have near neighbours in the training set and "
-                     "the test errors are optimistic for new conformers.")
+                     f"(10 fs apart) {how}")
     tg = lim.get("sgdml_2018_target")
     if tg:
         verdict = (f"**met** ({abs(tg['difference_meV_A']):.2f} meV/Å below)" if tg["met"] else
