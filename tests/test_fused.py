@@ -80,6 +80,33 @@ def test_fused_equals_plain_float64(preset, frag, xyz):
     torch.testing.assert_close(F1, F0, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("frag,xyz", CASES)
+def test_frozen_weight_cache_follows_the_parameters(frag, xyz):
+    """With frozen parameters (as in the calculator) the fused path caches its scaled weights; the
+    cached result equals the plain path on repeated calls and after the weights change in place
+    (e.g. load_state_dict or an EMA swap), and nothing is cached while they need gradients."""
+    from se3set_ase.model.fused import _cache
+
+    model, hg = _setup("small", frag, xyz, torch.float64)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _ in range(2):
+        torch.testing.assert_close(fused_energy_and_forces(model, hg)[1], energy_and_forces(model, hg)[1],
+                                   rtol=0, atol=1e-10)
+    frozen = next(v for k, v in _cache(model).items() if isinstance(k, tuple) and k[0] == "frozen")
+    assert len(frozen) > 0
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.05)
+    torch.testing.assert_close(fused_energy_and_forces(model, hg)[1], energy_and_forces(model, hg)[1],
+                               rtol=0, atol=1e-10)
+    frozen.clear()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    fused_energy_and_forces(model, hg)
+    assert len(frozen) == 0
+
+
 @pytest.mark.parametrize("preset", ["tiny", "small"])
 @pytest.mark.parametrize("frag,xyz", CASES)
 def test_fused_equals_plain_float32(preset, frag, xyz):
