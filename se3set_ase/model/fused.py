@@ -68,6 +68,17 @@ class _Ctx:
         self.cg = cache.setdefault(("cg", dtype, str(device)), {})
         self.meta = cache.setdefault("meta", {})
         self.frozen = cache.setdefault(("frozen", dtype, str(device)), {})
+        self.concats: dict = {}  # this call's concatenated linear inputs, see concat()
+
+    def concat(self, xs: Sequence, ks: list[int]) -> Tensor:
+        """``torch.cat([xs[k] for k in ks], dim=-1)``, made once per call of the network for the
+        same inputs (a linear's output types and the gate's column groups all share it)."""
+        key = (id(xs), tuple(ks))
+        hit = self.concats.get(key)
+        if hit is None or hit[0] is not xs:
+            hit = (xs, torch.cat([xs[k] for k in ks], dim=-1))
+            self.concats[key] = hit
+        return hit[1]
 
     def frozen_weight(self, key: tuple, sources: tuple[Tensor, ...], make) -> Tensor:
         """``make()``, a tensor computed from parameters ``sources`` only, cached while none of
@@ -169,41 +180,52 @@ def _lin_cols(ctx: _Ctx, lin: IrrepsLinear, xs: Sequence[Tensor | None], t: int,
               bias0: int | None, row_scale: dict[int, Tensor] | None = None) -> Tensor:
     """Columns c0:c1 of type t of ``lin`` applied to its input blocks ``xs`` (list aligned with
     ``lin.irreps_in``; None = absent). ``row_scale[k]`` (mul_k,) multiplies the rows of block k
-    (a folded shared tensor-product weight)."""
+    (a folded shared tensor-product weight).
+
+    The dense input blocks of type t are concatenated along the channels (once per call of the
+    network, :meth:`_Ctx.concat`) and multiplied by the matching rows of the weight in one matmul;
+    factored blocks (:class:`_Outer`) apply the weight to their channel factor first."""
     meta = _lmeta(ctx, lin)
     w = lin.weights[t]
     scale = 1.0 / math.sqrt(meta.fan_in[t])
-    acc = None
-    if bias0 is not None:
-        b = lin.bias[bias0:bias0 + (c1 - c0)]
-    else:
-        b = None
+    b = lin.bias[bias0:bias0 + (c1 - c0)] if bias0 is not None else None
+    dense, outer = [], []
     for k, x in enumerate(xs):
-        if x is None:
-            continue
         rows = meta.in_rows[k]
-        if rows is None or rows[0] != t:
+        if x is None or rows is None or rows[0] != t:
             continue
-        _tk, r0, r1 = rows
-        rs = row_scale.get(k) if row_scale is not None else None
-        if rs is not None:
-            wk = ctx.frozen_weight((id(lin), t, r0, r1, c0, c1, rs.data_ptr(), rs.numel()), (w, rs),
-                                   lambda: w[r0:r1, c0:c1] * (rs * scale).unsqueeze(1))
+        (outer if isinstance(x, _Outer) else dense).append((k, x, rows[1], rows[2]))
+
+    def weight(blocks) -> Tensor:
+        """The scaled weight rows of ``blocks`` stacked in order, (sum of their mul, c1 - c0)."""
+        parts = []  # (r0, r1, row scale or None)
+        for k, _x, r0, r1 in blocks:
+            parts.append((r0, r1, row_scale.get(k) if row_scale is not None else None))
+
+        def make() -> Tensor:
+            ws = [w[r0:r1, c0:c1] * (scale if rs is None else (rs * scale).unsqueeze(1)) for r0, r1, rs in parts]
+            return ws[0] if len(ws) == 1 else torch.cat(ws, dim=0)
+
+        key = (id(lin), t, c0, c1) + tuple((r0, r1) if rs is None else (r0, r1, rs.data_ptr(), rs.numel())
+                                           for r0, r1, rs in parts)
+        return ctx.frozen_weight(key, (w,) + tuple(rs for _r0, _r1, rs in parts if rs is not None), make)
+
+    acc = None
+    if dense:
+        x = dense[0][1] if len(dense) == 1 else ctx.concat(xs, [k for k, _x, _r0, _r1 in dense])
+        bsz, d, m = x.shape
+        wk = weight(dense)
+        if b is not None:
+            acc = torch.addmm(b, x.reshape(bsz * d, m), wk).view(bsz, d, c1 - c0)
         else:
-            wk = ctx.frozen_weight((id(lin), t, r0, r1, c0, c1), (w,), lambda: w[r0:r1, c0:c1] * scale)
-        if isinstance(x, _Outer):
-            g = _mm_acc(None, x.x, wk)  # (B, 1, V)
-            term = x.s * g  # (B, d, V)
-            if acc is None:
-                acc = term + b if b is not None else term
-            else:
-                acc = acc + term
-            continue
-        if acc is None and b is not None:
-            bsz, d, _ = x.shape
-            acc = torch.addmm(b, x.reshape(bsz * d, -1), wk).view(bsz, d, c1 - c0)
+            acc = torch.mm(x.reshape(bsz * d, m), wk).view(bsz, d, c1 - c0)
+    for blk in outer:
+        o = blk[1]
+        term = o.s * _mm_acc(None, o.x, weight([blk]))  # (B, d, V) from (B, 1, V)
+        if acc is None:
+            acc = term + b if b is not None else term
         else:
-            acc = _mm_acc(acc, x, wk)
+            acc = acc + term
     if acc is None:
         raise RuntimeError("fused linear: no input of the requested type")
     return acc
