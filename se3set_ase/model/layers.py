@@ -50,14 +50,16 @@ class RadialMLP(nn.Module):
 
 
 class SmoothLeakyReLU(nn.Module):
-    """f(x) = (1+a)/2 x + (1-a)/2 x (2 sigmoid(x) - 1), a = 0.2: smooth, leaky for x < 0."""
+    """f(x) = (1+a)/2 x + (1-a)/2 x (2 sigmoid(x) - 1), a = 0.2: smooth, leaky for x < 0.
+
+    Computed as the equal a x + (1 - a) silu(x): three kernels instead of seven."""
 
     def __init__(self, negative_slope: float = 0.2):
         super().__init__()
         self.a = negative_slope
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return 0.5 * (1 + self.a) * x + 0.5 * (1 - self.a) * x * (2 * torch.sigmoid(x) - 1)
+        return torch.add(torch.nn.functional.silu(x) * (1 - self.a), x, alpha=self.a)
 
 
 class EquivariantLayerNorm(nn.Module):
