@@ -73,10 +73,11 @@ class _Ctx:
     def concat(self, xs: Sequence, ks: list[int]) -> Tensor:
         """``torch.cat([xs[k] for k in ks], dim=-1)``, made once per call of the network for the
         same inputs (a linear's output types and the gate's column groups all share it)."""
-        key = (id(xs), tuple(ks))
+        parts = tuple(xs[k] for k in ks)
+        key = tuple(id(x) for x in parts)  # the tensors themselves (kept alive below), not the list
         hit = self.concats.get(key)
-        if hit is None or hit[0] is not xs:
-            hit = (xs, torch.cat([xs[k] for k in ks], dim=-1))
+        if hit is None:
+            hit = (parts, torch.cat(parts, dim=-1))
             self.concats[key] = hit
         return hit[1]
 
