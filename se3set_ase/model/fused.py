@@ -119,13 +119,12 @@ def from_blocks(xs: Feat, irreps: o3.Irreps) -> Tensor:
     return torch.cat([x.transpose(1, 2).reshape(x.shape[0], -1) for x in xs], dim=-1)
 
 
-def _mm_acc(acc: Tensor | None, x: Tensor, w: Tensor) -> Tensor:
-    """acc + x @ w with x (B, d, m) and w (m, V): one (addmm) on the (B*d, m) view."""
+def _mm(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x @ w (+ bias) with x (B, d, m) and w (m, V): one mm (addmm) on the (B*d, m) view."""
     b, d, m = x.shape
     x2 = x.reshape(b * d, m)
-    if acc is None:
-        return torch.mm(x2, w).view(b, d, w.shape[1])
-    return torch.addmm(acc.reshape(b * d, -1), x2, w).view(b, d, w.shape[1])
+    out = torch.mm(x2, w) if bias is None else torch.addmm(bias, x2, w)
+    return out.view(b, d, w.shape[1])
 
 
 # ------------------------------------------------------------------ IrrepsLinear
@@ -214,15 +213,10 @@ def _lin_cols(ctx: _Ctx, lin: IrrepsLinear, xs: Sequence[Tensor | None], t: int,
     acc = None
     if dense:
         x = dense[0][1] if len(dense) == 1 else ctx.concat(xs, [k for k, _x, _r0, _r1 in dense])
-        bsz, d, m = x.shape
-        wk = weight(dense)
-        if b is not None:
-            acc = torch.addmm(b, x.reshape(bsz * d, m), wk).view(bsz, d, c1 - c0)
-        else:
-            acc = torch.mm(x.reshape(bsz * d, m), wk).view(bsz, d, c1 - c0)
+        acc = _mm(x, weight(dense), b)
     for blk in outer:
         o = blk[1]
-        term = o.s * _mm_acc(None, o.x, weight([blk]))  # (B, d, V) from (B, 1, V)
+        term = o.s * _mm(o.x, weight([blk]))  # (B, d, V) from (B, 1, V)
         if acc is None:
             acc = term + b if b is not None else term
         else:
@@ -412,7 +406,7 @@ def _tp_shared(ctx: _Ctx, tp, xs: Feat, attr: Feat) -> list[Tensor]:
         x = xs[i1]
         e = x.shape[0]
         w = wflat[off:off + u * v].view(u, v)
-        y = _mm_acc(None, attr[i2], w.t())  # (E, d2, u)
+        y = _mm(attr[i2], w.t())  # (E, d2, u)
         d1, d2, d3 = 2 * l1 + 1, 2 * l2 + 1, 2 * l3 + 1
         c = _cg_pair(ctx, l1, l2, l3, pw)  # (d3, d1*d2)
         if l1 == 0:
