@@ -96,6 +96,26 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def sample_source(info: dict) -> str:
+    """How ``se3set-ase sample`` made a file, from the keys it writes into every frame's info."""
+    spacing = float(info.get("dt_fs", 0.5)) * int(info.get("every", 20))
+    return (f"GFN2-xTB Langevin MD frames made by `se3set-ase sample {info.get('system')} "
+            f"--temperature {float(info.get('temperature_K')):g} --seed {info.get('seed')}` "
+            f"(se3set-ase {info.get('se3set_ase_version')}, tblite {info.get('tblite_version')}, "
+            f"RDKit embedding, ASE Langevin, friction {info.get('friction_per_fs')}/fs, "
+            f"dt {info.get('dt_fs')} fs, one trajectory, {spacing:g} fs frame spacing, a fresh SCF per frame)")
+
+
+def data_path_for_card(data: Path) -> str:
+    """The data file as the card records it: relative to the repository when it is inside it (data
+    committed with the model, found again from any clone), else absolute."""
+    root = HERE.parent
+    try:
+        return data.relative_to(root).as_posix()
+    except ValueError:
+        return str(data)
+
+
 def data_kind(data: Path, frames) -> dict:
     """Source, level of theory, molecule and MD temperature of a data file."""
     info0 = frames[0].info if frames else {}
@@ -108,7 +128,8 @@ def data_kind(data: Path, frames) -> dict:
         t = info0.get("temperature_K")
         return {"kind": "gfn2", "molecule": str(info0.get("system", mol)),
                 "level_of_theory": GFN2_LEVEL + (f" (file: method={method})" if method else ""),
-                "source": GFN2_SOURCE, "temperature_K": float(t) if t is not None else None,
+                "source": sample_source(info0) if "se3set_ase_version" in info0 and t is not None else GFN2_SOURCE,
+                "temperature_K": float(t) if t is not None else None,
                 "temperature_note": "info['temperature_K'] of the data file (the sampling temperature)"}
     return {"kind": "other", "molecule": mol, "level_of_theory": "unknown (not recorded in the file)",
             "source": str(data), "temperature_K": None, "temperature_note": "not recorded; pass --temperature"}
@@ -464,7 +485,7 @@ def measure(args) -> dict:
         "model": {"file": model_path.name, "sha256": sha256(model_path), "elements":
                   [chemical_symbols[int(z)] for z in meta["elements"]], "element_numbers": [int(z) for z in meta["elements"]],
                   "se3set_ase_version_trained": meta.get("se3set_ase_version"), "element_energies_eV": e_ref},
-        "data": {"path": str(data), "sha256": sha256(data), "n_frames": n, "formula": formula,
+        "data": {"path": data_path_for_card(data), "sha256": sha256(data), "n_frames": n, "formula": formula,
                  "n_atoms": len(frames[0]), "n_compositions": len(comps), **kind},
         "training": {"command": tr.get("command"), "data_in_metadata": tr.get("data"), "frames": fr,
                      "seed": seed, "preset": tr.get("preset"), "parameters": tr.get("parameters"),

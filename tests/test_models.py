@@ -4,7 +4,8 @@ reproduces the card's per-frame test errors on its own test frames, and its forc
 gradient of its energy. Also: the MD22 guidance for names that cannot be shipped, and that
 ``models/README.md`` is what the script generates from the cards.
 
-The test frames come from the data file recorded in the card (``/work/shared/data/...``); where that
+The test frames come from the data file recorded in the card (``/work/shared/data/...``, or a path
+relative to the repository for data committed with the model); where that
 file is absent (a clone without the shared data) those checks are skipped with the reason.
 """
 from __future__ import annotations
@@ -125,6 +126,8 @@ def test_forces_on_own_test_frames(model_path):
 
     card = _card(model_path)
     data = Path(card["data"]["path"])
+    if not data.is_absolute():  # data committed in the repository (models/data/...)
+        data = SCRIPT.parent.parent / data
     if not data.is_file():
         pytest.skip(f"the training data {data} recorded in {model_path.stem}.json is not on this machine "
                     "(a clone without /work/shared/data): the per-frame check needs it")
