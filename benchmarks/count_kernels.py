@@ -8,12 +8,16 @@ SE3Set path is bound by their number, not by arithmetic (see the H100 figures in
 ``TorchDispatchMode`` that sees every ATen operation, forward and backward, and reports how many
 there are, of which kind, and which line of ``se3set_ase`` issued them ("backward" for the ones the
 autograd engine runs). It is the measure for work that fuses kernels: fewer operations here means
-fewer launches there. Random weights (the count does not depend on them), float32.
+fewer launches there. It also adds up the floating-point work of the matrix products (2 per
+multiply-add), which bounds the call's time on a CPU, where the call is bound by arithmetic:
+``--gemm-threads N`` times one large float32 mm on N threads and prints the time those products
+need at that rate at best. Random weights (the counts do not depend on them), float32.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 import traceback
 from collections import Counter
 from pathlib import Path
@@ -35,11 +39,41 @@ NO_KERNEL = {"view", "slice", "as_strided", "transpose", "t", "unsqueeze", "sque
              "_local_scalar_dense", "split_with_sizes", "unsafe_split"}
 
 
+def matmul_flops(name: str, args) -> int:
+    """Floating-point operations (2 per multiply-add) of a matrix product, 0 for other operations."""
+    if name == "mm":
+        a, b = args[0], args[1]
+        return 2 * a.shape[0] * a.shape[1] * b.shape[1]
+    if name == "addmm":
+        a, b = args[1], args[2]
+        return 2 * a.shape[0] * a.shape[1] * b.shape[1]
+    if name == "bmm":
+        a, b = args[0], args[1]
+        return 2 * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
+    return 0
+
+
+def gemm_rate(threads: int, n: int = 1024, repeats: int = 10) -> float:
+    """This machine's float32 matrix-multiply rate (GFLOP/s) on one large square mm: an upper bound
+    for the rate the network's many smaller products reach."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(2):
+        a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
 class _Count(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.by_op: Counter = Counter()
         self.by_site: Counter = Counter()
+        self.flops = {"forward": 0, "backward": 0}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.__name__.split(".")[0]
@@ -51,6 +85,7 @@ class _Count(TorchDispatchMode):
                 site = f"{Path(ours[-1].filename).name}:{ours[-1].lineno} {ours[-1].name}"
             self.by_op[name] += 1
             self.by_site[site] += 1
+            self.flops["backward" if site.startswith("backward") else "forward"] += matmul_flops(name, args)
         return func(*args, **(kwargs or {}))
 
 
@@ -60,6 +95,9 @@ def main() -> None:
     ap.add_argument("--molecule", default=str(ROOT / "tests" / "data" / "dha.xyz"))
     ap.add_argument("--fragment", default="md22", help="fragment preset (md22: implicit, md17: explicit)")
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--gemm-threads", type=int, default=0,
+                    help="also time one large float32 mm on this many threads and print the lower bound "
+                         "on a call's CPU time that the matrix products alone set (0: skip)")
     args = ap.parse_args()
     import ase.io
 
@@ -78,6 +116,14 @@ def main() -> None:
     print(f"# {args.preset} preset, {Path(args.molecule).name}: {len(atoms)} atoms, {hg.num_tokens} tokens, "
           f"{hg.v2e_src.shape[0]} v2e edges")
     print(f"operations per energy + forces call: {total} ({total - back} forward, {back} backward)")
+    fl = mode.flops
+    total_fl = fl["forward"] + fl["backward"]
+    print(f"matrix-product work per call: {total_fl / 1e9:.2f} GFLOP ({fl['forward'] / 1e9:.2f} forward, "
+          f"{fl['backward'] / 1e9:.2f} backward)")
+    if args.gemm_threads:
+        rate = gemm_rate(args.gemm_threads)
+        print(f"float32 GEMM rate, {args.gemm_threads} thread(s), 1024^3 mm: {rate:.1f} GFLOP/s -> the matrix "
+              f"products alone need >= {total_fl / rate / 1e6:.0f} ms per call on this CPU")
     print("\nby kind:")
     for k, v in mode.by_op.most_common(args.top):
         print(f"  {v:6d}  {k}")
