@@ -3,7 +3,8 @@
 Run: ``.venv/bin/python benchmarks/bench_speed.py [--device cpu|cuda] [--quick] [--threads N]``.
 
 (a) calculator-style energy + forces, ms per call (cached fragmentation + tensors + model +
-    results to NumPy), float32, parameters frozen, per molecule and preset;
+    results to NumPy), float32, parameters frozen, per molecule and preset; on CUDA also the
+    CUDA-graph replay, on the CPU with ``--compile`` also the compiled graph (``compile=True``);
 (b) training step (batch of 8 DHA copies, forces with create_graph, L2 energy + 100 x force loss,
     backward, AdamW step): ms per step and samples/s;
 (c) fragmentation per MD step with the topology cached (jittered geometries);
@@ -33,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 from se3set_ase.fragment import Fragmenter, FragmentSettings  # noqa: E402
 from se3set_ase.hypergraph import collate  # noqa: E402
 from se3set_ase.model import ModelConfig, SE3SetModel  # noqa: E402
+from se3set_ase.model.compiled import CompiledEnergyForces  # noqa: E402
 from se3set_ase.model.fused import fused_energy_and_forces  # noqa: E402
 from se3set_ase.model.graphed import GraphedEnergyForces  # noqa: E402
 from se3set_ase.model.network import energy_and_forces as _energy_and_forces, plain_path  # noqa: E402
@@ -148,6 +150,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer repeats; training at the small preset only")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--presets", default="paper,small")
+    ap.add_argument("--molecules", default=None,
+                    help="comma-separated subset of aspirin,Ac-Ala3-NHMe,DHA,stachyose (default: all)")
+    ap.add_argument("--compile", action="store_true",
+                    help="CPU: also time the calculator's compile=True path (TorchInductor; minutes of "
+                         "compiling per molecule and preset, reported)")
     ap.add_argument("--train-batches", default="32,128", type=lambda t: [int(b) for b in t.split(",") if b],
                     help="CUDA only: batch sizes of DHA copies for the samples/s sweep (default 32,128)")
     args = ap.parse_args()
@@ -161,6 +168,12 @@ def main() -> None:
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} torch threads"
     print(f"# device: {dev_name}; torch {torch.__version__}; float32; median of up to {reps} calls")
     mols = molecules()
+    if args.molecules:
+        wanted = args.molecules.split(",")
+        unknown = set(wanted) - {n for n, _a, _f in mols}
+        if unknown:
+            sys.exit(f"--molecules: unknown {sorted(unknown)}; available: {[n for n, _a, _f in mols]}")
+        mols = [m for m in mols if m[0] in wanted]
 
     # ---------------------------------------------------------------- (a) calculator calls
     print("\n## (a) energy + forces per call (calculator-style, cached fragmentation), ms")
@@ -189,6 +202,15 @@ def main() -> None:
                     dG = np.abs(forces["graph"] - forces["fused"]).max() / max(np.abs(forces["fused"]).max(), 1e-30)
                     print(f"{'':7s} {name:14s} CUDA graph replay {row['graph']:8.2f} ms ({row['fused'] / row['graph']:.1f}x "
                           f"fused), max|dF|/max|F| vs fused {dG:.1e}", flush=True)
+            if args.compile and device.type == "cpu":  # the calculator's compile=True
+                t0 = time.perf_counter()
+                compiled = CompiledEnergyForces(model)
+                forces["compiled"] = graph_call(compiled, fr, atoms)[1]
+                t_compile = time.perf_counter() - t0
+                row["compiled"] = timeit(lambda: graph_call(compiled, fr, atoms), device, max(reps, 7))
+                dC = np.abs(forces["compiled"] - forces["fused"]).max() / max(np.abs(forces["fused"]).max(), 1e-30)
+                print(f"{'':7s} {name:14s} compiled {row['compiled']:8.2f} ms ({row['fused'] / row['compiled']:.2f}x "
+                      f"fused; compiling took {t_compile:.0f} s), max|dF|/max|F| vs fused {dC:.1e}", flush=True)
             dF = np.abs(forces["plain"] - forces["fused"]).max() / max(np.abs(forces["plain"]).max(), 1e-30)
             calc_ms[(preset, name)] = row
             print(f"{preset:7s} {name:14s} {len(atoms):5d} {hg.num_tokens:6d} {hg.v2e_src.shape[0]:5d} "

@@ -17,7 +17,9 @@ Units: positions in Å. All index tensors are ``torch.long``.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from dataclasses import dataclass, fields, replace
 from typing import Sequence
 
@@ -146,9 +148,27 @@ def switch(d: torch.Tensor, r_c: float, width: float) -> torch.Tensor:
     return 0.5 * (1.0 + torch.cos(math.pi * x))
 
 
+_TRACING = threading.local()
+
+
+@contextlib.contextmanager
+def no_host_sync():
+    """Inside this block :func:`capturing` says True on every device: the network takes the
+    branches that read no tensor value back to Python, so that it can be traced into a graph
+    (:mod:`se3set_ase.model.compiled`). Checks skipped there must have run eagerly before."""
+    depth = getattr(_TRACING, "depth", 0)
+    _TRACING.depth = depth + 1
+    try:
+        yield
+    finally:
+        _TRACING.depth = depth
+
+
 def capturing(t: torch.Tensor) -> bool:
-    """True while ``t``'s CUDA stream is being captured into a CUDA graph, when no host sync
-    (``bool(tensor)``, ``.item()``) is allowed."""
+    """True while ``t``'s CUDA stream is being captured into a CUDA graph, or inside
+    :func:`no_host_sync`: no host sync (``bool(tensor)``, ``.item()``) is allowed then."""
+    if getattr(_TRACING, "depth", 0):
+        return True
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 

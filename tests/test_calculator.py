@@ -22,9 +22,9 @@ from se3set_ase.model import ModelConfig, SE3SetModel, energy_and_forces, save_m
 from se3set_ase.registry import ModelNotFoundError
 
 
-def randomised(seed=0, elements=(1, 6, 7, 8), preset="md17", std=1.0) -> SE3SetModel:
+def randomised(seed=0, elements=(1, 6, 7, 8), preset="md17", std=1.0, **overrides) -> SE3SetModel:
     torch.manual_seed(seed)
-    cfg = ModelConfig.preset("tiny", elements=list(elements), fragment=FragmentSettings.preset(preset))
+    cfg = ModelConfig.preset("tiny", elements=list(elements), fragment=FragmentSettings.preset(preset), **overrides)
     model = SE3SetModel(cfg, torch.float64)
     torch.nn.init.normal_(model.head[-1].weight, std=std)
     model.energy_scale.fill_(0.5)
@@ -323,6 +323,64 @@ def test_cuda_graph_replay_matches_eager_and_recaptures_on_new_topology(tmp_path
     assert graphed.graphed.captures == 2
     graphed.get_forces(dha)
     assert graphed.graphed.captures == 2
+
+
+def test_per_topology_cache_builds_once_per_topology_and_forgets_the_oldest():
+    """The cache behind CUDA graphs and compiled graphs: one build per topology (positions do not
+    count), a returning topology is found again, and beyond ``max_entries`` the least recently
+    used one is dropped."""
+    from se3set_ase.model.per_topology import PerTopology
+
+    fragmenter = Fragmenter(FragmentSettings.preset("md17"))
+    eth, water, ammonia = molecule("CH3CH2OH"), molecule("H2O"), molecule("NH3")
+    built = []
+    cache = PerTopology(lambda hg: built.append(hg.num_atoms) or len(built), max_entries=2)
+    moved = eth.copy()
+    moved.rattle(0.02, seed=3)
+    assert cache(fragmenter(eth)) == 1 and cache(fragmenter(moved)) == 1
+    assert cache(fragmenter(water)) == 2 and cache(fragmenter(eth)) == 1
+    assert cache(fragmenter(ammonia)) == 3  # drops water, the least recently used
+    assert cache(fragmenter(eth)) == 1 and cache(fragmenter(water)) == 4
+    assert built == [9, 3, 4, 3] and cache.builds == 4 and len(cache) == 2
+
+
+def test_compiled_energy_and_forces_match_eager():
+    """``compile=True`` (TorchInductor, CPU): the numbers of the eager network to rounding along a
+    few MD-like geometries of one topology, compiled once; forces still -dE/dR."""
+    model = randomised(num_blocks=1)
+    eager = SE3SetCalculator(model, device="cpu")
+    compiled = SE3SetCalculator(model, device="cpu", compile=True)
+    atoms = molecule("CH3CH2OH")
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        a = atoms.copy()
+        a.positions += rng.normal(scale=0.03, size=a.positions.shape)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # no fallback to eager
+            f_c, e_c = compiled.get_forces(a), compiled.get_potential_energy(a)
+        f_e, e_e = eager.get_forces(a), eager.get_potential_energy(a)
+        assert np.abs(f_e).max() > 1e-2
+        assert np.abs(f_c - f_e).max() <= 1e-9 * np.abs(f_e).max()
+        assert abs(e_c - e_e) <= 1e-9 * abs(e_e)
+    assert compiled.compiled.compilations == 1
+    a.calc = compiled
+    numerical = calculate_numerical_forces(a, eps=1e-4)
+    assert np.abs(numerical - a.get_forces()).max() <= 1e-5 * np.abs(f_e).max()
+
+
+def test_failed_compile_falls_back_to_eager_with_a_warning(model, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    atoms = molecule("CH3CH2OH")
+    calc = SE3SetCalculator(model, device="cpu", compile=True)
+    with pytest.warns(RuntimeWarning, match="compiling energy \\+ forces failed .*no C\\+\\+ compiler"):
+        forces = calc.get_forces(atoms)
+    assert calc.compiled is None
+    assert np.array_equal(forces, SE3SetCalculator(model, device="cpu").get_forces(atoms))
+    with pytest.raises(ValueError, match="CPU"):
+        SE3SetCalculator(model, device="meta", compile=True)
 
 
 def test_verlet_skin_changes_no_energy_and_keeps_the_token_list():

@@ -15,41 +15,24 @@ A new topology (other index tensors, another molecule) is captured anew; the las
 """
 from __future__ import annotations
 
-from collections import OrderedDict
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
 from ..hypergraph import Hypergraph
 from .network import SE3SetModel, energy_and_forces
+from .per_topology import PerTopology
 
 Tensor = torch.Tensor
 
 
 @dataclass
 class _Captured:
-    template: Hypergraph  # the topology on the CPU (positions ignored), to recognise it again
-    static: Hypergraph  # the same on the device; static.positions is the graph's input buffer
+    static: Hypergraph  # the topology on the device; static.positions is the graph's input buffer
     graph: torch.cuda.CUDAGraph
     energy: Tensor  # (G,) outputs written by every replay
     forces: Tensor  # (N, 3)
     e_atom: Tensor  # (N,)
-
-
-def _same_topology(a: Hypergraph, b: Hypergraph) -> bool:
-    """All fields but the positions are equal (indices, elements, batch, sizes)."""
-    for f in fields(Hypergraph):
-        if f.name == "positions":
-            continue
-        x, y = getattr(a, f.name), getattr(b, f.name)
-        if x is y:  # the fragmenter hands out the same index tensors while the token list holds
-            continue
-        if isinstance(x, Tensor):
-            if x.shape != y.shape or not torch.equal(x, y):
-                return False
-        elif x != y:
-            return False
-    return a.positions.shape == b.positions.shape
 
 
 class GraphedEnergyForces:
@@ -68,18 +51,13 @@ class GraphedEnergyForces:
         if any(p.requires_grad for p in model.parameters()):
             raise ValueError("CUDA-graph replay is for inference: set requires_grad_(False) on the parameters")
         self.model = model
-        self.max_graphs = max_graphs
         self.warmup = warmup
-        self._graphs: OrderedDict[int, _Captured] = OrderedDict()
-        self._next_key = 0
-        self.captures = 0  # how many topologies were captured (a new one each time the indices change)
+        self._graphs: PerTopology[_Captured] = PerTopology(self._capture, max_graphs)
 
-    def _find(self, hg: Hypergraph) -> _Captured | None:
-        for key, cap in self._graphs.items():
-            if _same_topology(cap.template, hg):
-                self._graphs.move_to_end(key)
-                return cap
-        return None
+    @property
+    def captures(self) -> int:
+        """How many topologies were captured (a new one each time the indices change)."""
+        return self._graphs.builds
 
     def _capture(self, hg: Hypergraph) -> _Captured:
         dtype = self.model.dtype
@@ -95,22 +73,14 @@ class GraphedEnergyForces:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             energy, forces, e_atom = energy_and_forces(self.model, static, training=False)
-        template = Hypergraph(**{f.name: getattr(hg, f.name) for f in fields(Hypergraph)})
-        self.captures += 1
-        return _Captured(template, static, graph, energy, forces, e_atom)
+        return _Captured(static, graph, energy, forces, e_atom)
 
     def __call__(self, hg: Hypergraph) -> tuple[Tensor, Tensor, Tensor]:
         with torch.cuda.device(self.device):  # the model's GPU, also when it is not the current one
             return self._call(hg)
 
     def _call(self, hg: Hypergraph) -> tuple[Tensor, Tensor, Tensor]:
-        cap = self._find(hg)
-        if cap is None:
-            cap = self._capture(hg)
-            self._graphs[self._next_key] = cap
-            self._next_key += 1
-            while len(self._graphs) > self.max_graphs:
-                self._graphs.popitem(last=False)
+        cap = self._graphs(hg)
         cap.static.positions.copy_(hg.positions.to(cap.static.positions.dtype))
         cap.graph.replay()
         return cap.energy.clone(), cap.forces.clone(), cap.e_atom.clone()

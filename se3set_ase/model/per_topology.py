@@ -1,0 +1,67 @@
+"""Objects built once per hypergraph topology and reused while the topology holds.
+
+In MD or an optimisation a molecule's hypergraph keeps its index tensors from step to step (the
+fragmentation is cached per bond topology; implicit cross tokens keep their list inside a Verlet
+skin), and only the positions change. Work that depends on the indices alone, such as a captured
+CUDA graph (:mod:`.graphed`) or a compiled graph (:mod:`.compiled`), is done once per topology and
+kept in a small least-recently-used cache.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import fields
+from typing import Callable, Generic, TypeVar
+
+import torch
+
+from ..hypergraph import Hypergraph
+
+T = TypeVar("T")
+
+
+def same_topology(a: Hypergraph, b: Hypergraph) -> bool:
+    """All fields but the positions are equal (indices, elements, batch, sizes)."""
+    for f in fields(Hypergraph):
+        if f.name == "positions":
+            continue
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if x is y:  # the fragmenter hands out the same index tensors while the token list holds
+            continue
+        if isinstance(x, torch.Tensor):
+            if x.shape != y.shape or not torch.equal(x, y):
+                return False
+        elif x != y:
+            return False
+    return a.positions.shape == b.positions.shape
+
+
+class PerTopology(Generic[T]):
+    """``cache(hg)``: the object ``build(hg)`` made for ``hg``'s topology, built on first sight.
+
+    The last ``max_entries`` topologies are kept; ``builds`` counts the calls of ``build``."""
+
+    def __init__(self, build: Callable[[Hypergraph], T], max_entries: int = 4):
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be at least 1, not {max_entries}")
+        self.build = build
+        self.max_entries = max_entries
+        self.builds = 0
+        self._entries: OrderedDict[int, tuple[Hypergraph, T]] = OrderedDict()
+        self._next_key = 0
+
+    def __call__(self, hg: Hypergraph) -> T:
+        for key, (template, value) in self._entries.items():
+            if same_topology(template, hg):
+                self._entries.move_to_end(key)
+                return value
+        value = self.build(hg)
+        self.builds += 1
+        template = Hypergraph(**{f.name: getattr(hg, f.name) for f in fields(Hypergraph)})
+        self._entries[self._next_key] = (template, value)
+        self._next_key += 1
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+        return value
+
+    def __len__(self) -> int:
+        return len(self._entries)
