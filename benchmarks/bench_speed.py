@@ -20,6 +20,7 @@ training); the zero-initialised output layer is randomised so that forces are no
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -144,6 +145,30 @@ def calc_call(model, fragmenter, atoms, device, ef, dtype=torch.float32):
     return float(energy.detach().sum().cpu()), forces.detach().cpu().numpy()
 
 
+def mace_times(mols, threads: int, reps: int) -> list[tuple[str, float, int]]:
+    """(molecule, ms per MACE-small calculator call, parameters) from benchmarks/mace_speed.py,
+    run in .venv-mace on the same structures and thread count."""
+    import json
+    import subprocess
+    import tempfile
+
+    import ase.io
+
+    py = ROOT / ".venv-mace" / "bin" / "python"
+    if not py.is_file():
+        sys.exit(f"--mace needs {py}: build it with `.venv/bin/python benchmarks/mace_side_by_side.py --setup`")
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for name, atoms, _frag in mols:
+            paths.append(str(Path(tmp) / f"{name}.xyz"))
+            ase.io.write(paths[-1], atoms)
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        out = subprocess.run([str(py), str(ROOT / "benchmarks" / "mace_speed.py"), *paths, "--threads", str(threads),
+                              "--repeats", str(max(reps, 7))], capture_output=True, text=True, env=env, check=True)
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    return [(Path(r["molecule"]).stem, r["ms"], r["params"]) for r in rows]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -152,6 +177,9 @@ def main() -> None:
     ap.add_argument("--presets", default="paper,small")
     ap.add_argument("--molecules", default=None,
                     help="comma-separated subset of aspirin,Ac-Ala3-NHMe,DHA,stachyose (default: all)")
+    ap.add_argument("--mace", action="store_true",
+                    help="CPU: also time MACE-small's ASE calculator on the same molecules and threads in "
+                         "this run (benchmarks/mace_speed.py in .venv-mace)")
     ap.add_argument("--compile", action="store_true",
                     help="CPU: also time the calculator's compile=True path (TorchInductor; minutes of "
                          "compiling per molecule and preset, reported)")
@@ -167,7 +195,7 @@ def main() -> None:
     reps = 3 if args.quick else 10
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} torch threads"
     print(f"# device: {dev_name}; torch {torch.__version__}; float32; median of up to {reps} calls")
-    mols = molecules()
+    mols = all_mols = molecules()
     if args.molecules:
         wanted = args.molecules.split(",")
         unknown = set(wanted) - {n for n, _a, _f in mols}
@@ -205,8 +233,13 @@ def main() -> None:
             if args.compile and device.type == "cpu":  # the calculator's compile=True
                 t0 = time.perf_counter()
                 compiled = CompiledEnergyForces(model)
-                forces["compiled"] = graph_call(compiled, fr, atoms)[1]
+                try:
+                    forces["compiled"] = graph_call(compiled, fr, atoms)[1]
+                except Exception as exc:  # noqa: BLE001  (reported; the calculator falls back to eager)
+                    print(f"# compiling failed for {preset} {name}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                    forces["compiled"] = None
                 t_compile = time.perf_counter() - t0
+            if args.compile and device.type == "cpu" and forces["compiled"] is not None:
                 row["compiled"] = timeit(lambda: graph_call(compiled, fr, atoms), device, max(reps, 7))
                 dC = np.abs(forces["compiled"] - forces["fused"]).max() / max(np.abs(forces["fused"]).max(), 1e-30)
                 print(f"{'':7s} {name:14s} compiled {row['compiled']:8.2f} ms ({row['fused'] / row['compiled']:.2f}x "
@@ -219,7 +252,7 @@ def main() -> None:
     # ---------------------------------------------------------------- (b) training step
     print("\n## (b) training step: batch of 8 DHA, forces with create_graph, loss backward, AdamW step")
     print(f"{'preset':7s} {'path':6s} {'ms/step':>10s} {'samples/s':>10s}")
-    dha = next(a for n, a, _ in mols if n == "DHA")
+    dha = next(a for n, a, _ in all_mols if n == "DHA")
     train_ms: dict[tuple[str, str], float] = {}
     for preset in (["small"] if args.quick else presets):
         model = make_model(preset, "md22", device)
@@ -297,6 +330,16 @@ def main() -> None:
             if r:
                 print(f"DHA force call, {preset}: fused {r['fused']:.1f} ms vs MACE-small 51 ms (CPU range 33-84 ms): "
                       f"{'faster' if r['fused'] < MACE_SMALL_DHA_MS else 'slower'} ({MACE_SMALL_DHA_MS / r['fused']:.2f}x); target paper <= 150 ms")
+        if args.mace:
+            print("\n## (e) MACE-small's ASE calculator in this run (benchmarks/mace_speed.py, random weights, float32)")
+            for name, mace_ms, params in mace_times(mols, torch.get_num_threads(), reps):
+                line = f"{name:14s} MACE-small ({params:,} params) {mace_ms:7.1f} ms"
+                for preset in presets:
+                    r = calc_ms.get((preset, name), {})
+                    for path in ("fused", "compiled"):
+                        if path in r:
+                            line += f" | {preset} {path} {r[path]:6.1f} ms ({mace_ms / r[path]:.2f}x)"
+                print(line + "   (x > 1: SE3Set faster)", flush=True)
     else:
         for name, ref in ANCHOR_H100_FORCE_MS.items():
             r = calc_ms.get(("paper", name))

@@ -15,6 +15,9 @@ of an eager one (``benchmarks/bench_speed.py``). Worth it for long MD with a fix
 calculator does it with ``compile=True``. Results equal those of
 :func:`se3set_ase.model.network.energy_and_forces` to rounding (the same operations, fused).
 The weights are frozen into the compiled graph: build a new object after changing them.
+Known limit: with more than one torch thread, TorchInductor 2.13's C++ code generation fails on
+these graphs (an assertion on vectorised atomic adds); the calculator then warns and runs eagerly,
+so use ``compile=True`` with one thread (``OMP_NUM_THREADS=1``).
 """
 from __future__ import annotations
 
