@@ -49,13 +49,16 @@ class SE3SetCalculator(Calculator):
     cuda_graph: replay energy + forces from a CUDA graph captured once per hypergraph topology
         (:mod:`se3set_ase.model.graphed`); default True on CUDA. Same numbers, several times
         faster for molecules of up to a few hundred atoms, where launching kernels sets the time.
-    compile: on the CPU, trace energy + forces once per hypergraph topology and compile them with
-        TorchInductor (:mod:`se3set_ase.model.compiled`); default False. About twice as fast per
-        call, same numbers to rounding, but compiling a new topology takes minutes (much less
-        when TorchInductor's disk cache has it): for long MD or optimisation of one molecule.
+    compile: on the CPU, trace energy + forces once per molecule (the token lists are inputs of
+        symbolic size, so neither the Verlet list nor a re-fragmentation needs a new graph) and
+        compile them with TorchInductor (:mod:`se3set_ase.model.compiled`); default False. About
+        twice as fast per call, same numbers to rounding, but the first compile takes minutes
+        (well under one when TorchInductor's disk cache has it): for MD or optimisation of one
+        molecule. One torch thread (see the module's known limit).
     skin: Verlet skin (Å) of the implicit cross tokens (``Fragmenter``): the token list, hence the
-        graph, is kept until an atom has moved skin/2. Default 1.0 with CUDA graphs or
-        ``compile``, else 0. Energies and forces do not depend on it.
+        CUDA graph, is kept until an atom has moved skin/2. Default 1.0 with CUDA graphs or
+        ``compile`` (there it saves rebuilding the index tensors), else 0. Energies and forces do
+        not depend on it.
 
     Results: ``energy``/``free_energy`` (eV), ``forces`` (eV/Å), ``energies`` (per atom, eV).
     """

@@ -43,11 +43,11 @@ class Hypergraph:
 
     @property
     def num_atoms(self) -> int:
-        return int(self.numbers.shape[0])
+        return self.numbers.shape[0]  # no int(): a symbolic size stays symbolic when traced
 
     @property
     def num_tokens(self) -> int:
-        return int(self.token_anchor.shape[0])
+        return self.token_anchor.shape[0]
 
     @property
     def num_hyperedges(self) -> int:

@@ -1,18 +1,20 @@
-"""Energy and forces from a compiled graph, for a molecule whose hypergraph keeps its indices.
+"""Energy and forces from a compiled graph, one per molecule, whatever its token lists.
 
 On a CPU a force call of the fused network is a few thousand PyTorch operations, many of them
 small (per irrep type, per Clebsch-Gordan path, forward and backward), and the small ones cost
-more in dispatch and memory traffic than in arithmetic. For a fixed topology (see
-:mod:`.per_topology`) the whole computation, forward and the backward that gives the forces, is
-traced once into one graph of ATen operations (``make_fx``, with the hypergraph's indices and the
-model's frozen weights as constants) and compiled with TorchInductor (``torch.compile``), which
-fuses the element-wise chains and writes C++ loops for them. The compiled graph is then called
-with each step's positions.
+more in dispatch and memory traffic than in arithmetic. Here the whole computation, forward and
+the backward that gives the forces, is traced once into one graph of ATen operations (``make_fx``
+with symbolic sizes: positions and the five index tensors are inputs, the token and incidence
+counts stay symbols; the elements, the batch vector and the model's frozen weights are constants)
+and compiled with TorchInductor (``torch.compile(dynamic=True)``), which fuses the element-wise
+chains and writes C++ loops for them. The compiled graph then serves every hypergraph of the same
+atoms: MD steps, the Verlet list of the implicit cross tokens changing every few tens of steps,
+even a re-fragmentation after a bond change.
 
-Compiling costs minutes for a new topology (TorchInductor keeps its results on disk, so the same
-model and topology compile in well under a minute the next time); a call then costs about half
-of an eager one (``benchmarks/bench_speed.py``). Worth it for long MD with a fixed topology; the
-calculator does it with ``compile=True``. Results equal those of
+Compiling costs minutes the first time (TorchInductor keeps its results on disk, so the same model
+and molecule compile in well under a minute the next time); a call then costs about half of an
+eager one (``benchmarks/bench_speed.py``). Worth it for MD and long optimisations; the calculator
+does it with ``compile=True``. Results equal those of
 :func:`se3set_ase.model.network.energy_and_forces` to rounding (the same operations, fused).
 The weights are frozen into the compiled graph: build a new object after changing them.
 Known limit: with more than one torch thread, TorchInductor 2.13's C++ code generation fails on
@@ -28,22 +30,27 @@ import torch
 
 from ..hypergraph import Hypergraph, no_host_sync
 from .network import SE3SetModel, energy_and_forces
-from .per_topology import PerTopology
+from .per_topology import PerTopology, same_atoms
 
 Tensor = torch.Tensor
 
 
 @dataclass
 class _Compiled:
-    fn: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]  # positions (N, 3) -> energy, forces, e_atom
+    fn: Callable[..., tuple[Tensor, Tensor, Tensor]]  # positions (N, 3), *indices -> energy, forces, e_atom
+
+
+# the hypergraph fields that are inputs of the compiled graph (their lengths are symbols)
+_INDEX_FIELDS = ("token_anchor", "token_edge", "token_switched", "v2e_src", "v2e_dst")
 
 
 class CompiledEnergyForces:
-    """``energy_and_forces(model, hg)`` through a compiled graph, one per hypergraph topology.
+    """``energy_and_forces(model, hg)`` through a compiled graph, one per molecule (same elements
+    and batch; any token lists).
 
     ``model``: an inference model (no parameter needs a gradient) on the CPU. Call with a
     hypergraph: returns total energies (G,) eV, forces (N, 3) eV/Å and per-atom energies (N,) eV.
-    ``compilations`` counts the topologies compiled so far.
+    ``compilations`` counts the graphs compiled so far.
     """
 
     def __init__(self, model: SE3SetModel, max_graphs: int = 4):
@@ -54,13 +61,14 @@ class CompiledEnergyForces:
         if any(p.requires_grad for p in model.parameters()):
             raise ValueError("compiled energy + forces is for inference: set requires_grad_(False) on the parameters")
         self.model = model
-        self._graphs: PerTopology[_Compiled] = PerTopology(self._compile, max_graphs)
+        self._graphs: PerTopology[_Compiled] = PerTopology(self._compile, max_graphs, same=same_atoms)
 
     @property
     def compilations(self) -> int:
         return self._graphs.builds
 
     def _compile(self, hg: Hypergraph) -> _Compiled:
+        import torch.fx.experimental._config as fx_config
         from torch.fx.experimental.proxy_tensor import make_fx
 
         static = hg.to(self.device, self.model.dtype)
@@ -68,16 +76,35 @@ class CompiledEnergyForces:
         # tensors, scaled frozen weights), none of which may happen while tracing
         energy_and_forces(self.model, static, training=False)
 
-        def call(pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-            energy, forces, e_atom = energy_and_forces(self.model, static.with_positions(pos), training=False)
+        def call(pos: Tensor, *indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            g = Hypergraph(numbers=static.numbers, positions=pos, batch=static.batch,
+                           num_graphs=static.num_graphs, **dict(zip(_INDEX_FIELDS, indices)))
+            energy, forces, e_atom = energy_and_forces(self.model, g, training=False)
             return energy.detach(), forces.detach(), e_atom.detach()
 
-        with no_host_sync():
-            graph = make_fx(call)(static.positions)
-        fn = torch.compile(graph, dynamic=False, fullgraph=True)
-        fn(static.positions)  # compile now, not at the first step that uses it
+        example = (static.positions,) + tuple(getattr(static, f) for f in _INDEX_FIELDS)
+        # no duck sizing: two index lists that happen to have the same length must not be
+        # assumed to have it always
+        with no_host_sync(), fx_config.patch(use_duck_shape=False):
+            graph = make_fx(call, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*example)
+        _check_sizes_symbolic(graph)
+        fn = torch.compile(graph, dynamic=True, fullgraph=True)
+        fn(*example)  # compile now, not at the first step that uses it
         return _Compiled(fn)
 
     def __call__(self, hg: Hypergraph) -> tuple[Tensor, Tensor, Tensor]:
         entry = self._graphs(hg)
-        return entry.fn(hg.positions.to(self.device, self.model.dtype))
+        return entry.fn(hg.positions.to(self.device, self.model.dtype),
+                        *(getattr(hg, f).to(self.device) for f in _INDEX_FIELDS))
+
+
+def _check_sizes_symbolic(graph) -> None:
+    """Raise if tracing fixed the length of an index input (a Python ``int()`` of a size in the
+    network): the graph would then be wrong for other token lists."""
+    placeholders = [n for n in graph.graph.nodes if n.op == "placeholder"]
+    for name, node in zip(_INDEX_FIELDS, placeholders[1:]):
+        size = node.meta["val"].shape[0]
+        if not isinstance(size, torch.SymInt) or size.node.expr.is_number or \
+                size.node.shape_env.replace(size.node.expr).is_number:
+            raise RuntimeError(f"tracing fixed the length of {name}: the compiled graph would hold "
+                               "only for this token list")

@@ -177,10 +177,12 @@ class _Outer:
 
 
 def _lin_cols(ctx: _Ctx, lin: IrrepsLinear, xs: Sequence[Tensor | None], t: int, c0: int, c1: int,
-              bias0: int | None, row_scale: dict[int, Tensor] | None = None) -> Tensor:
+              bias0: int | None, row_scale: dict[int, tuple[Tensor, int, int]] | None = None) -> Tensor:
     """Columns c0:c1 of type t of ``lin`` applied to its input blocks ``xs`` (list aligned with
-    ``lin.irreps_in``; None = absent). ``row_scale[k]`` (mul_k,) multiplies the rows of block k
-    (a folded shared tensor-product weight).
+    ``lin.irreps_in``; None = absent). ``row_scale[k] = (flat, off, n)``: ``flat[off:off + n]``
+    (mul_k,) multiplies the rows of block k (a folded shared tensor-product weight; given as a
+    parameter and a range, so the cache key needs no tensor data and the slice is taken only
+    when the scaled weight is made).
 
     The dense input blocks of type t are concatenated along the channels (once per call of the
     network, :meth:`_Ctx.concat`) and multiplied by the matching rows of the weight in one matmul;
@@ -203,12 +205,13 @@ def _lin_cols(ctx: _Ctx, lin: IrrepsLinear, xs: Sequence[Tensor | None], t: int,
             parts.append((r0, r1, row_scale.get(k) if row_scale is not None else None))
 
         def make() -> Tensor:
-            ws = [w[r0:r1, c0:c1] * (scale if rs is None else (rs * scale).unsqueeze(1)) for r0, r1, rs in parts]
+            ws = [w[r0:r1, c0:c1] * (scale if rs is None else (rs[0][rs[1]:rs[1] + rs[2]] * scale).unsqueeze(1))
+                  for r0, r1, rs in parts]
             return ws[0] if len(ws) == 1 else torch.cat(ws, dim=0)
 
-        key = (id(lin), t, c0, c1) + tuple((r0, r1) if rs is None else (r0, r1, rs.data_ptr(), rs.numel())
+        key = (id(lin), t, c0, c1) + tuple((r0, r1) if rs is None else (r0, r1, id(rs[0]), rs[1], rs[2])
                                            for r0, r1, rs in parts)
-        return ctx.frozen_weight(key, (w,) + tuple(rs for _r0, _r1, rs in parts if rs is not None), make)
+        return ctx.frozen_weight(key, (w,) + tuple(rs[0] for _r0, _r1, rs in parts if rs is not None), make)
 
     acc = None
     if dense:
@@ -227,7 +230,7 @@ def _lin_cols(ctx: _Ctx, lin: IrrepsLinear, xs: Sequence[Tensor | None], t: int,
 
 
 def _linear(ctx: _Ctx, lin: IrrepsLinear, xs: Sequence[Tensor | None],
-            row_scale: dict[int, Tensor] | None = None) -> Feat:
+            row_scale: dict[int, tuple[Tensor, int, int]] | None = None) -> Feat:
     """All output blocks of ``lin`` (list aligned with ``lin.irreps_out``)."""
     meta = _lmeta(ctx, lin)
     ref = next(x for x in xs if x is not None)
@@ -281,7 +284,7 @@ class _GateMeta:
 
 
 def _gate_from_linear(ctx: _Ctx, lin: IrrepsLinear, xs: Sequence[Tensor | None], gate, offset: int,
-                      row_scale: dict[int, Tensor] | None = None) -> Feat:
+                      row_scale: dict[int, tuple[Tensor, int, int]] | None = None) -> Feat:
     """Gate(lin(x)) where the gate's input starts at 0e column ``offset`` of ``lin``'s output.
 
     Returns blocks aligned with ``gate.irreps_out`` (scalars, then the gated types)."""
@@ -461,7 +464,7 @@ def _attention(ctx: _Ctx, att: HyperAttention, x_dst: Feat, x_src: Feat | None, 
         t2 = _tp_sh(ctx, att.tp2, g, attr, None)
         meta2 = _tmeta(ctx, att.tp2)
         wflat = att.tp2.weight
-        row_scale = {p: wflat[off:off + u] for p, (_a, _b, _c, _l1, _l2, _l3, _pw, off, u, _v)
+        row_scale = {p: (wflat, off, u) for p, (_a, _b, _c, _l1, _l2, _l3, _pw, off, u, _v)
                      in enumerate(meta2.paths)}
         v = _linear(ctx, att.lin_value2, t2, row_scale)
     else:

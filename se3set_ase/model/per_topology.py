@@ -3,8 +3,9 @@
 In MD or an optimisation a molecule's hypergraph keeps its index tensors from step to step (the
 fragmentation is cached per bond topology; implicit cross tokens keep their list inside a Verlet
 skin), and only the positions change. Work that depends on the indices alone, such as a captured
-CUDA graph (:mod:`.graphed`) or a compiled graph (:mod:`.compiled`), is done once per topology and
-kept in a small least-recently-used cache.
+CUDA graph (:mod:`.graphed`), is done once per topology and kept in a small least-recently-used
+cache. A compiled graph (:mod:`.compiled`) takes the indices as inputs of symbolic size and is
+kept once per molecule (same elements), whatever its token lists.
 """
 from __future__ import annotations
 
@@ -35,15 +36,27 @@ def same_topology(a: Hypergraph, b: Hypergraph) -> bool:
     return a.positions.shape == b.positions.shape
 
 
+def same_atoms(a: Hypergraph, b: Hypergraph) -> bool:
+    """Same atoms in the same molecules (elements, batch); the token lists may differ."""
+    if a.num_graphs != b.num_graphs or a.numbers.shape != b.numbers.shape:
+        return False
+    return (a.numbers is b.numbers or torch.equal(a.numbers, b.numbers)) and \
+        (a.batch is b.batch or torch.equal(a.batch, b.batch))
+
+
 class PerTopology(Generic[T]):
     """``cache(hg)``: the object ``build(hg)`` made for ``hg``'s topology, built on first sight.
 
-    The last ``max_entries`` topologies are kept; ``builds`` counts the calls of ``build``."""
+    The last ``max_entries`` topologies are kept; ``builds`` counts the calls of ``build``.
+    ``same(a, b)`` says when two hypergraphs share an entry (default :func:`same_topology`;
+    :func:`same_atoms` for objects that take the index tensors as inputs)."""
 
-    def __init__(self, build: Callable[[Hypergraph], T], max_entries: int = 4):
+    def __init__(self, build: Callable[[Hypergraph], T], max_entries: int = 4,
+                 same: Callable[[Hypergraph, Hypergraph], bool] = same_topology):
         if max_entries < 1:
             raise ValueError(f"max_entries must be at least 1, not {max_entries}")
         self.build = build
+        self.same = same
         self.max_entries = max_entries
         self.builds = 0
         self._entries: OrderedDict[int, tuple[Hypergraph, T]] = OrderedDict()
@@ -51,7 +64,7 @@ class PerTopology(Generic[T]):
 
     def __call__(self, hg: Hypergraph) -> T:
         for key, (template, value) in self._entries.items():
-            if same_topology(template, hg):
+            if self.same(template, hg):
                 self._entries.move_to_end(key)
                 return value
         value = self.build(hg)
