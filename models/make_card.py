@@ -198,7 +198,7 @@ def duplicates_across(frames, a_idx, b_idx, tol: float = 1e-8) -> int:
 
 
 # ----------------------------------------------------------------------------- measurements
-def run_langevin(model_path, frame, temperature, ps, dt_fs, seed):
+def run_langevin(model_path, frame, temperature, ps, dt_fs, seed, compile=False, dtype="float64"):
     import numpy as np
     from ase import units
     from ase.constraints import FixCom
@@ -210,7 +210,7 @@ def run_langevin(model_path, frame, temperature, ps, dt_fs, seed):
     from se3set_ase.data.sample import bond_set
 
     atoms = frame_atoms(frame)
-    atoms.calc = SE3SetCalculator(model_path, device="cpu", dtype=torch.float64)
+    atoms.calc = SE3SetCalculator(model_path, device="cpu", dtype=getattr(torch, dtype), compile=compile)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=np.random.default_rng(seed))
@@ -245,15 +245,16 @@ def run_langevin(model_path, frame, temperature, ps, dt_fs, seed):
                 break
             temps.append(float(atoms.get_temperature()))
     wall = time.perf_counter() - t0
-    return {"temperature_K": temperature, "requested_ps": ps, "dt_fs": dt_fs, "steps_requested": n_steps,
+    return {"temperature_K": temperature, "requested_ps": ps, "dt_fs": dt_fs, "steps_requested": n_steps, "dtype": dtype,
             "steps_done": done, "friction_per_fs": LANGEVIN_FRICTION_PER_FS, "seed": seed,
             "velocity_seed": seed, "noise_seed": seed + 1, "n_bonds": len(bonds0),
             "stable": event is None, "event": event,
             "mean_temperature_K": float(np.mean(temps)) if temps else None,
-            "wall_time_s": wall, "ms_per_step": 1000 * wall / max(done + (event is not None), 1)}
+            "wall_time_s": wall, "ms_per_step": 1000 * wall / max(done + (event is not None), 1),
+            **compiled_note(atoms.calc, compile)}
 
 
-def run_nve(model_path, frame, ps, dt_fs, seed):
+def run_nve(model_path, frame, ps, dt_fs, seed, compile=False):
     import numpy as np
     from ase import units
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
@@ -264,7 +265,7 @@ def run_nve(model_path, frame, ps, dt_fs, seed):
     from se3set_ase.data.sample import bond_set
 
     atoms = frame_atoms(frame)
-    atoms.calc = SE3SetCalculator(model_path, device="cpu", dtype=torch.float64)
+    atoms.calc = SE3SetCalculator(model_path, device="cpu", dtype=torch.float64, compile=compile)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         MaxwellBoltzmannDistribution(atoms, temperature_K=300.0, rng=np.random.default_rng(seed))
@@ -305,10 +306,22 @@ def run_nve(model_path, frame, ps, dt_fs, seed):
             "dtype": "float64", "drift_meV_per_atom_per_ps": 1000 * slope / n,
             "max_abs_dE_meV": float(1000 * dev.max()), "max_abs_dE_meV_per_atom": float(1000 * dev.max() / n),
             "topology_changed_at_step": topo, "completed": stop is None, "stopped": stop,
-            "wall_time_s": wall, "ms_per_step": 1000 * wall / max(len(e) - 1, 1)}
+            "wall_time_s": wall, "ms_per_step": 1000 * wall / max(len(e) - 1, 1),
+            **compiled_note(atoms.calc, compile)}
 
 
-def time_calls(model_path, frame, n_calls):
+def compiled_note(calc, requested: bool) -> dict:
+    """With ``--compile``: whether the compiled graph ran to the end (a fallback to eager shows as
+    ``compiled: false``) and how many graphs were compiled."""
+    if not requested:
+        return {}
+    c = calc.compiled
+    return {"compiled": c is not None, "compilations": c.compilations if c is not None else None}
+
+
+def time_calls(model_path, frame, n_calls, compile=False):
+    """Median ms per energy+force call, eager in float32 and float64; with ``compile`` also the
+    compiled float32 path (``compiled_float32``, timed after its compilation)."""
     import numpy as np
     import torch
     from ase.calculators.calculator import all_changes
@@ -316,8 +329,11 @@ def time_calls(model_path, frame, n_calls):
     from se3set_ase import SE3SetCalculator
 
     out = {}
-    for name, dt in (("float32", torch.float32), ("float64", torch.float64)):
-        calc = SE3SetCalculator(model_path, device="cpu", dtype=dt)
+    paths = [("float32", torch.float32, False), ("float64", torch.float64, False)]
+    if compile:
+        paths.append(("compiled_float32", torch.float32, True))
+    for name, dt, comp in paths:
+        calc = SE3SetCalculator(model_path, device="cpu", dtype=dt, compile=comp)
         atoms = frame_atoms(frame)
         rng = np.random.default_rng(0)
         p0 = atoms.positions.copy()
@@ -329,6 +345,8 @@ def time_calls(model_path, frame, n_calls):
             if k >= 2:
                 times.append(1000 * (time.perf_counter() - t0))
         out[name] = {"median_ms": statistics.median(times), "min_ms": min(times), "n_calls": n_calls}
+        if comp:
+            out[name]["compiled"] = calc.compiled is not None  # False: it fell back to eager
     return out
 
 
@@ -458,11 +476,12 @@ def measure(args) -> dict:
     start_idx = int(split["test"][0]) if len(split["test"]) else int(split["valid"][0])
     start = frames[start_idx]
     note(f"[card] Langevin {args.langevin_ps} ps at {temperature} K")
-    lang = run_langevin(model_path, start, float(temperature), args.langevin_ps, args.dt_fs, args.seed)
+    lang = run_langevin(model_path, start, float(temperature), args.langevin_ps, args.dt_fs, args.seed, args.compile,
+                        args.langevin_dtype)
     note(f"[card] NVE {args.nve_ps} ps")
-    nve = run_nve(model_path, start, args.nve_ps, args.dt_fs, args.seed)
+    nve = run_nve(model_path, start, args.nve_ps, args.dt_fs, args.seed, args.compile)
     note("[card] timing and finite differences")
-    timing = time_calls(model_path, start, args.timing_calls)
+    timing = time_calls(model_path, start, args.timing_calls, args.compile)
     timing["torch_num_threads"] = torch.get_num_threads()
     timing["cpu"] = cpu_name()
     timing["n_atoms"] = len(start)
@@ -538,7 +557,7 @@ def langevin_column(lang: dict) -> str:
     if lang["requested_ps"] < 10:
         return f"not run for 10 ps ({langevin_summary(lang)})"
     if lang["stable"]:
-        return "yes"
+        return "yes" if lang.get("dtype", "float64") == "float64" else f"yes ({lang['dtype']})"
     return f"no: {lang['event']['kind']} at {lang['event']['time_ps']:.3f} ps"
 
 
@@ -550,6 +569,15 @@ PRESET_NOTE = {
              "preset would see about a quarter of the training epochs. The paper preset was not trained for "
              "this model (no GPU was lent); it is the one to try with a GPU.",
 }
+
+
+def compiled_text(run: dict) -> str:
+    """Card text for an MD run made with ``--compile`` (empty for an eager run)."""
+    if "compiled" not in run:
+        return ""
+    if run["compiled"]:
+        return f"; run with `compile=True` ({run['compilations']} compiled graph(s))"
+    return "; `compile=True` requested but compiling failed: run eagerly"
 
 
 def render_card(c: dict) -> str:
@@ -607,12 +635,13 @@ def render_card(c: dict) -> str:
                      f"90% {q['0.9']:.2f}, max {q['1.0']:.2f} (every frame's value is in the JSON). "
                      f"1 kcal/mol = {KCAL_MOL_EV} eV.")
     lines += [
-        "", "## Molecular dynamics (float64, CPU)", "",
-        f"- **Langevin** at {L['temperature_K']:g} K ({L['temperature_note']}), {L['requested_ps']:g} ps, dt {L['dt_fs']:g} fs, "
+        "", "## Molecular dynamics (CPU)", "",
+        f"- **Langevin** ({L.get('dtype', 'float64')}) at {L['temperature_K']:g} K ({L['temperature_note']}), {L['requested_ps']:g} ps, dt {L['dt_fs']:g} fs, "
         f"friction {L['friction_per_fs']:g}/fs, centre of mass fixed, from data frame {L['start_frame']} (the first test frame) with Maxwell–Boltzmann velocities "
         f"(seed {L['velocity_seed']}, noise seed {L['noise_seed']}): **{langevin_summary(L)}** "
         f"(bond topology checked every step with `bond_set`, {L['n_bonds']} bonds; mean T {_f(L['mean_temperature_K'])} K); "
-        f"wall time {_f(L['wall_time_s'])} s, {_f(L['ms_per_step'], 1)} ms/step *(machine-dependent)*",
+        f"wall time {_f(L['wall_time_s'])} s, {_f(L['ms_per_step'], 1)} ms/step *(machine-dependent)*"
+        + compiled_text(L),
     ]
     if not L["stable"] and L["event"].get("broken") is not None:
         lines.append(f"  - bonds broken (atom pairs): {L['event']['broken']}; formed: {L['event']['formed']}")
@@ -621,11 +650,14 @@ def render_card(c: dict) -> str:
         f"Maxwell–Boltzmann velocities (seed {N['seed']}): drift {_f(N['drift_meV_per_atom_per_ps'], 4)} meV/atom/ps, "
         f"max |E−E0| {_f(N['max_abs_dE_meV'], 3)} meV ({_f(N['max_abs_dE_meV_per_atom'], 4)} meV/atom)"
         + ("" if N["completed"] else f"; **stopped early: {N['stopped']}** (figures over the {N['steps']} steps done)")
-        + f"; {_f(N['ms_per_step'], 1)} ms/step *(machine-dependent)*",
+        + f"; {_f(N['ms_per_step'], 1)} ms/step *(machine-dependent)*" + compiled_text(N),
         "", "## Speed *(machine-dependent)*", "",
         f"Energy + forces of one {T['n_atoms']}-atom structure through `SE3SetCalculator` on `{T['cpu']}`, "
         f"torch.get_num_threads() = {T['torch_num_threads']}, median of {T['float64']['n_calls']} calls after 2 warm-up calls: "
-        f"float32 {_f(T['float32']['median_ms'], 2)} ms, float64 {_f(T['float64']['median_ms'], 2)} ms.",
+        f"float32 {_f(T['float32']['median_ms'], 2)} ms, float64 {_f(T['float64']['median_ms'], 2)} ms"
+        + (f"; compiled (`compile=True`) float32 {_f(T['compiled_float32']['median_ms'], 2)} ms"
+           + ("" if T["compiled_float32"].get("compiled") else " (**compiling failed: eager fallback**)")
+           if "compiled_float32" in T else "") + ".",
         "", "## Finite-difference force check", "",
         f"Central differences, step {fd['step_A']:g} Å, float64, {len(fd['components'])} components (the "
         f"{len(fd['components']) // 2} largest |F| and seeded random ones) of data frame {fd['start_frame']}: max |FD − F| "
@@ -714,6 +746,12 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of MD velocities/noise and FD components")
     p.add_argument("--threads", type=int, default=1, help="torch threads (fixed for reproducible MD)")
     p.add_argument("--timing-calls", type=int, default=20)
+    p.add_argument("--langevin-dtype", choices=("float64", "float32"), default="float64",
+                   help="dtype of the Langevin run (float32: the training dtype, about twice as fast on a "
+                        "CPU; stability is a property of the model, not of the rounding; the NVE run stays float64)")
+    p.add_argument("--compile", action="store_true",
+                   help="run the MD with SE3SetCalculator(compile=True) (TorchInductor, one thread; "
+                        "same forces to rounding, about twice as fast) and also time that path")
     p.add_argument("--quick", action="store_true", help="short MD (0.05 ps Langevin, 0.025 ps NVE, 5 timing calls) for development")
     p.add_argument("--out-dir", default=str(HERE), help="where NAME.json, NAME.md and README.md go (default: models/)")
     p.add_argument("--readme-only", action="store_true", help="only regenerate OUT_DIR/README.md from OUT_DIR/*.json")
