@@ -506,7 +506,8 @@ def measure(args) -> dict:
                   "se3set_ase_version_trained": meta.get("se3set_ase_version"), "element_energies_eV": e_ref},
         "data": {"path": data_path_for_card(data), "sha256": sha256(data), "n_frames": n, "formula": formula,
                  "n_atoms": len(frames[0]), "n_compositions": len(comps), **kind},
-        "training": {"command": tr.get("command"), "data_in_metadata": tr.get("data"), "frames": fr,
+        "training": {"command": tr.get("command"), "commands": tr.get("commands") or [tr.get("command")],
+                     "epochs": tr.get("epochs"), "data_in_metadata": tr.get("data"), "frames": fr,
                      "seed": seed, "preset": tr.get("preset"), "parameters": tr.get("parameters"),
                      "steps": tr.get("steps"), "wall_time_s": tr.get("wall_time_s"), "device": tr.get("device"),
                      "dtype": tr.get("dtype"), "metrics_in_metadata": meta_metrics},
@@ -571,6 +572,18 @@ PRESET_NOTE = {
 }
 
 
+def resume_lines(t: dict) -> list[str]:
+    """Card lines for the ``--resume`` commands that continued the training run, if any."""
+    later = (t.get("commands") or [])[1:]
+    if not later:
+        return []
+    out = [f"- continued with `--resume` {len(later)} time(s) (on a resume with another `--epochs` the "
+           "learning-rate schedule is recomputed for the new length, so the run is not the exact continuation "
+           f"of the first command's plan{'; it ended after ' + str(t['epochs']) + ' epochs' if t.get('epochs') else ''}):"]
+    out += [f"  - `{c}`" for c in later]
+    return out
+
+
 def compiled_text(run: dict) -> str:
     """Card text for an MD run made with ``--compile`` (empty for an eager run)."""
     if "compiled" not in run:
@@ -617,6 +630,7 @@ def render_card(c: dict) -> str:
     lines += [
         "", "## Training run (from the model metadata)", "",
         f"- command: `{t['command']}`",
+        *resume_lines(t),
         f"- {t['steps']} optimizer steps, wall time {_f(t['wall_time_s'], 0)} s on `{t['device']}`, training dtype {t['dtype']}, seed {t['seed']}",
         "", "## Errors (float64 evaluation, recomputed from the data file)", "",
         "| set | frames | E MAE meV | E RMSE meV | E MAE meV/atom | F MAE meV/Å | F RMSE meV/Å | F MAE kcal/mol/Å | F RMSE kcal/mol/Å |",
