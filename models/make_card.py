@@ -6,6 +6,8 @@
     python models/make_card.py md17_aspirin --data /work/shared/data/md17/aspirin.extxyz
     python models/make_card.py /tmp/run/dev.pt --data DATA --quick --out-dir /tmp/cards
     python models/make_card.py --readme-only            # regenerate models/README.md only
+    python models/make_card.py gfn2_stachyose --data DATA --compile --langevin-dtype float32
+                          # MD through compile=True, float32 Langevin: ~3x faster for big molecules
 
 NAME is a model name (resolved like ``SE3SetCalculator(NAME)``) or a path to a ``.pt`` file; the
 card is named after the file's stem. Everything in the card is measured here; nothing is typed by
@@ -18,7 +20,8 @@ errors are evaluated in float64, and every random number (MD velocities, Langevi
 components) comes from seeded ``numpy.random.default_rng``. torch runs with ``--threads`` threads
 (default 1) so that reductions, and hence the chaotic MD trajectories, are reproducible. A rerun on
 the same software gives identical figures except the timings (keys listed in
-``machine_dependent``).
+``machine_dependent``). A rerun must use the card's own command: ``--compile`` and
+``--langevin-dtype`` change the rounding, hence the MD trajectories (not their meaning).
 """
 from __future__ import annotations
 
