@@ -54,7 +54,7 @@ class SE3SetCalculator(Calculator):
         compile them with TorchInductor (:mod:`se3set_ase.model.compiled`); default False. About
         twice as fast per call, same numbers to rounding, but the first compile takes minutes
         (well under one when TorchInductor's disk cache has it): for MD or optimisation of one
-        molecule. One torch thread (see the module's known limit).
+        molecule.
     skin: Verlet skin (Å) of the implicit cross tokens (``Fragmenter``): the token list, hence the
         CUDA graph, is kept until an atom has moved skin/2. Default 1.0 with CUDA graphs or
         ``compile`` (there it saves rebuilding the index tensors), else 0. Energies and forces do

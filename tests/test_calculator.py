@@ -344,10 +344,23 @@ def test_per_topology_cache_builds_once_per_topology_and_forgets_the_oldest():
     assert built == [9, 3, 4, 3] and cache.builds == 4 and len(cache) == 2
 
 
-def test_compiled_energy_and_forces_match_eager_across_token_lists():
+@pytest.mark.parametrize("threads", [1, 2])
+def test_compiled_energy_and_forces_match_eager_across_token_lists(threads):
     """``compile=True`` (TorchInductor, CPU): the numbers of the eager network to rounding along
     MD-like geometries whose implicit cross-token lists differ (no skin), all from one compiled
-    graph (the index tensors are inputs of symbolic length); forces still -dE/dR."""
+    graph (the index tensors are inputs of symbolic length); forces still -dE/dR. With two
+    threads TorchInductor needs ATen's accumulations (``compiled._threads_safe``): without them
+    its code generation fails and the calculator would warn and fall back to eager."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_compiled_against_eager()
+    finally:
+        torch.set_num_threads(before)
+    assert not torch.are_deterministic_algorithms_enabled()  # the setting was restored
+
+
+def _check_compiled_against_eager():
     import ase.io
 
     from pathlib import Path

@@ -17,14 +17,17 @@ eager one (``benchmarks/bench_speed.py``). Worth it for MD and long optimisation
 does it with ``compile=True``. Results equal those of
 :func:`se3set_ase.model.network.energy_and_forces` to rounding (the same operations, fused).
 The weights are frozen into the compiled graph: build a new object after changing them.
-Known limit: with more than one torch thread, TorchInductor 2.13's C++ code generation fails on
-these graphs (an assertion on vectorised atomic adds); the calculator then warns and runs eagerly,
-so use ``compile=True`` with one thread (``OMP_NUM_THREADS=1``).
+With more than one torch thread, TorchInductor 2.13 writes the scatter and index-put
+accumulations (the backward of every gather) as vectorised atomic adds and its C++ code generation
+fails on those whose index does not vary along the vectorised loop (an assertion); compiling and
+calling with ``torch.use_deterministic_algorithms(True)`` set makes it call ATen's kernels for
+those accumulations instead (:func:`_threads_safe`), and the rest is compiled as before.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -89,13 +92,33 @@ class CompiledEnergyForces:
             graph = make_fx(call, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*example)
         _check_sizes_symbolic(graph)
         fn = torch.compile(graph, dynamic=True, fullgraph=True)
-        fn(*example)  # compile now, not at the first step that uses it
+        with _threads_safe():
+            fn(*example)  # compile now, not at the first step that uses it
         return _Compiled(fn)
 
     def __call__(self, hg: Hypergraph) -> tuple[Tensor, Tensor, Tensor]:
         entry = self._graphs(hg)
-        return entry.fn(hg.positions.to(self.device, self.model.dtype),
-                        *(getattr(hg, f).to(self.device) for f in _INDEX_FIELDS))
+        with _threads_safe():  # a call may recompile (a size guard failing)
+            return entry.fn(hg.positions.to(self.device, self.model.dtype),
+                            *(getattr(hg, f).to(self.device) for f in _INDEX_FIELDS))
+
+
+@contextmanager
+def _threads_safe() -> Iterator[None]:
+    """With more than one torch thread, hold ``torch.use_deterministic_algorithms(True)`` (warn
+    only) so that TorchInductor leaves scatter/index-put accumulations to ATen instead of writing
+    vectorised atomic adds it cannot generate; with one thread (plain stores, no atomics) nothing
+    changes. The previous setting is restored on exit."""
+    if torch.get_num_threads() == 1:
+        yield
+        return
+    was_on = torch.are_deterministic_algorithms_enabled()
+    was_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was_on, warn_only=was_warn)
 
 
 def _check_sizes_symbolic(graph) -> None:
