@@ -39,6 +39,10 @@ NO_KERNEL = {"view", "slice", "as_strided", "transpose", "t", "unsqueeze", "sque
              "_local_scalar_dense", "split_with_sizes", "unsafe_split"}
 
 
+# helpers of fused.py called from many places: their operations are counted where they were called
+THIN_HELPERS = {"_mm", "concat", "_lin_cols", "_linear"}
+
+
 def matmul_flops(name: str, args) -> int:
     """Floating-point operations (2 per multiply-add) of a matrix product, 0 for other operations."""
     if name == "mm":
@@ -74,6 +78,7 @@ class _Count(TorchDispatchMode):
         self.by_op: Counter = Counter()
         self.by_site: Counter = Counter()
         self.flops = {"forward": 0, "backward": 0}
+        self.flops_by_site: Counter = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.__name__.split(".")[0]
@@ -82,10 +87,16 @@ class _Count(TorchDispatchMode):
             if not ours or ours[-1].name == "energy_and_forces":
                 site = "backward (autograd.grad)" if ours else "other"
             else:
-                site = f"{Path(ours[-1].filename).name}:{ours[-1].lineno} {ours[-1].name}"
+                k = len(ours) - 1
+                while k > 0 and ours[k].name in THIN_HELPERS:
+                    k -= 1
+                site = f"{Path(ours[k].filename).name}:{ours[k].lineno} {ours[k].name}"
             self.by_op[name] += 1
             self.by_site[site] += 1
-            self.flops["backward" if site.startswith("backward") else "forward"] += matmul_flops(name, args)
+            fl = matmul_flops(name, args)
+            self.flops["backward" if site.startswith("backward") else "forward"] += fl
+            if fl:
+                self.flops_by_site[site] += fl
         return func(*args, **(kwargs or {}))
 
 
@@ -130,6 +141,9 @@ def main() -> None:
     print("\nby place (forward) / backward:")
     for k, v in mode.by_site.most_common(args.top):
         print(f"  {v:6d}  {k}")
+    print("\nmatrix-product GFLOP by place (forward) / backward:")
+    for k, v in mode.flops_by_site.most_common(args.top):
+        print(f"  {v / 1e9:6.2f}  {k}")
 
 
 if __name__ == "__main__":
