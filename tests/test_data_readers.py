@@ -131,6 +131,29 @@ def test_extxyz_calculator_and_custom_keys(tmp_path):
     assert read_frames(q, require_labels=False)[0].energy is None
 
 
+@pytest.mark.parametrize("suffix,module", [(".xz", "lzma"), (".gz", "gzip"), (".bz2", "bz2")])
+def test_compressed_extxyz_reads_the_same_frames(tmp_path, suffix, module):
+    """A compressed extxyz (the shipped AT-AT data is .extxyz.xz) gives the frames of the plain
+    file; its format comes from the name without the compression suffix."""
+    import importlib
+
+    rng = np.random.default_rng(2)
+    frames = [_water(i, -10.0 - i, rng.normal(size=(3, 3))) for i in range(4)]
+    plain = tmp_path / "w.extxyz"
+    ase.io.write(plain, frames, format="extxyz")
+    packed = tmp_path / ("w.extxyz" + suffix)
+    with importlib.import_module(module).open(packed, "wb") as fh:
+        fh.write(plain.read_bytes())
+    want, got = read_frames(plain), read_frames(packed)
+    assert len(got) == 4
+    for w, g in zip(want, got):
+        assert g.energy == w.energy
+        np.testing.assert_array_equal(g.forces, w.forces)
+        np.testing.assert_array_equal(g.positions, w.positions)
+        np.testing.assert_array_equal(g.numbers, w.numbers)
+    assert [g.energy for g in read_frames(packed, index="1:3")] == [-11.0, -12.0]
+
+
 def test_extxyz_nan_and_partial_labels(tmp_path):
     a = _water(0, -1.0, np.zeros((3, 3)))
     b = _water(1, -2.0, np.full((3, 3), np.nan))

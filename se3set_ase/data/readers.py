@@ -208,13 +208,35 @@ def _read_db(path: Path, index, require_labels, energy_key, forces_key) -> list[
     return frames
 
 
+_DECOMPRESS = {".xz": "lzma", ".gz": "gzip", ".bz2": "bz2"}
+
+
+def _decompressed(path: Path, fmt: str | None) -> tuple[Any, str | None]:
+    """(what to hand ``ase.io.read``, format). A compressed text file (``.xz``, ``.gz``, ``.bz2``)
+    is decompressed into memory once: ASE's extxyz reader seeks back for every frame, and each
+    backward seek in a compressed stream decompresses it again from the start (minutes for 2000
+    frames). The format then comes from the name without the compression suffix."""
+    if path.suffix not in _DECOMPRESS:
+        return str(path), fmt
+    import importlib
+    import io
+
+    from ase.io.formats import filetype
+
+    opener = importlib.import_module(_DECOMPRESS[path.suffix]).open
+    with opener(path, "rt") as fh:
+        text = fh.read()
+    return io.StringIO(text), fmt or filetype(path.stem, read=False)
+
+
 def _read_ase(path: Path, index, require_labels, energy_key, forces_key, fmt=None) -> list[Frame]:
     import ase.io
 
     if path.stat().st_size == 0:
         raise DataError(f"{path}: empty file")
     try:
-        images = ase.io.read(str(path), index=":", format=fmt)
+        source, source_fmt = _decompressed(path, fmt)
+        images = ase.io.read(source, index=":", format=source_fmt)
     except Exception as e:
         raise DataError(f"{path}: cannot be read by ASE ({type(e).__name__}: {e}); supported: "
                         f"sGDML/revised-MD17 npz, extxyz, ASE database (.db) or another ASE "
