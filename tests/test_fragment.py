@@ -441,3 +441,29 @@ def test_pinned_fragmentation_is_independent_of_the_first_geometry(tmp_path):
     ref = Fragmenter(st, pinned=pins)(f3)
     assert torch.equal(hg3.v2e_src, ref.v2e_src) and torch.equal(hg3.v2e_dst, ref.v2e_dst)
     assert hg3.v2e_src.shape != Fragmenter(st)(f3).v2e_src.shape  # unpinned: frame 3's own choice
+
+
+def _water_dimer(oo: float, h_shift: float = 0.0) -> Atoms:
+    """Water donating O1-H1...O2 along x (O...O = ``oo`` Å); ``h_shift`` moves H1 towards O2."""
+    return Atoms("OHHOHH", positions=[[0, 0, 0], [0.97 + h_shift, 0, 0], [-0.24, 0.93, 0],
+                                      [oo, 0, 0], [oo + 0.24, 0.93, 0], [oo + 0.24, -0.93, 0]])
+
+
+def test_proton_of_a_short_hydrogen_bond_stays_bonded_to_its_donor_only():
+    """Hydrogen is monovalent: H1 at 1.18 Å of the acceptor O2 (inside the 1.26 Å O-H distance
+    criterion) but nearer its own O1 keeps the two-water topology; the distance criterion alone
+    bonded it to both O (no valid bond orders: a FragmentationError in MD, as AT-AT's base-pair
+    protons met). Only when H1 is nearer O2 does the topology change (a proton transfer)."""
+    normal, short = _water_dimer(2.9), _water_dimer(2.15)
+    assert np.linalg.norm(short.positions[1] - short.positions[3]) < 1.3 * (0.31 + 0.66)
+    assert perceive_bonds(short.numbers, short.positions).bonds == \
+        perceive_bonds(normal.numbers, normal.positions).bonds == ((0, 1, 1), (0, 2, 1), (3, 4, 1), (3, 5, 1))
+    fr = Fragmenter(MD22)
+    fr(normal)
+    fr(short)
+    assert not fr.last_topology_changed and fr.misses == 1
+    crossed = _water_dimer(2.15, h_shift=0.15)  # H1 1.12 Å from O1, 1.03 Å from O2
+    bonds = perceive_bonds(crossed.numbers, crossed.positions, connectivity_only=True).bonds
+    assert bonds == ((0, 2, 1), (1, 3, 1), (3, 4, 1), (3, 5, 1))  # hydroxide + hydronium
+    fr(crossed)
+    assert fr.last_topology_changed

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..hypergraph import Hypergraph, collate
-from .bonds import _charge_int, threshold_matrix, topology_from_pairs
+from .bonds import _charge_int, monovalent_hydrogens, threshold_matrix, topology_from_pairs
 from .core import FragmentSettings, Fragmentation, fragment_topology
 from .errors import as_arrays, check_cell, check_close_pairs, check_elements, distance_matrix
 
@@ -44,7 +44,7 @@ class Fragmenter:
         self.cache_size = int(cache_size)
         self._pinned = {_pin_key(f): f for f in pinned}
         self._cache: OrderedDict[bytes, Fragmentation] = OrderedDict()
-        self._thr: dict[bytes, np.ndarray] = {}
+        self._thr: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}  # elements -> (thresholds, H indices)
         self._last_key: bytes | None = None
         self._last = None  # (key, charge, numbers bytes, adjacency, fragmentation)
         self.last_topology_changed = False
@@ -91,16 +91,17 @@ class Fragmenter:
         z, r = as_arrays(numbers, positions)
         charge = _charge_int(charge)
         zkey = z.tobytes()
-        thr = self._thr.get(zkey)
-        if thr is None:
+        cached = self._thr.get(zkey)
+        if cached is None:
             check_elements(z)
-            thr = threshold_matrix(z)
+            cached = (threshold_matrix(z), np.flatnonzero(z == 1))
             if len(self._thr) > 4 * self.cache_size:
                 self._thr.clear()
-            self._thr[zkey] = thr
+            self._thr[zkey] = cached
+        thr, hydrogens = cached
         d = distance_matrix(r)
         check_close_pairs(z, d)
-        adj = d <= thr
+        adj = monovalent_hydrogens(d <= thr, d, hydrogens)
         last = self._last
         if (last is not None and last[1] == charge and last[2] == zkey
                 and np.array_equal(last[3], adj)):  # fast path: same topology as last call
