@@ -23,6 +23,22 @@ def test_bond_set():
     assert bond_set(w.numbers, w.positions) == {(0, 1), (0, 2)}
 
 
+def test_bond_set_short_hydrogen_bond_is_no_new_bond():
+    """As the fragmenter: H1 1.18 Å from the acceptor O2 but nearer its own O1 stays O1's only;
+    nearer O2 it has moved (a proton transfer, which the MD checks must report)."""
+    from ase import Atoms
+
+    def dimer(oo, h_shift=0.0):
+        return Atoms("OHHOHH", positions=[[0, 0, 0], [0.97 + h_shift, 0, 0], [-0.24, 0.93, 0],
+                                          [oo, 0, 0], [oo + 0.24, 0.93, 0], [oo + 0.24, -0.93, 0]])
+
+    waters = {(0, 1), (0, 2), (3, 4), (3, 5)}
+    for a in (dimer(2.9), dimer(2.15)):
+        assert bond_set(a.numbers, a.positions) == waters
+    moved = dimer(2.15, h_shift=0.15)
+    assert bond_set(moved.numbers, moved.positions) == {(0, 2), (1, 3), (3, 4), (3, 5)}
+
+
 def test_bad_smiles_and_unsupported_element(tmp_path):
     pytest.importorskip("tblite.ase")
     with pytest.raises(DataError, match="not a valid SMILES"):

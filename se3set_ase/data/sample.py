@@ -73,14 +73,22 @@ def _versions() -> dict[str, str]:
 
 
 def bond_set(numbers, positions, factor: float = BOND_FACTOR) -> set[tuple[int, int]]:
-    """Pairs (i < j) with d_ij < factor * (R_cov,i + R_cov,j), RDKit covalent radii."""
+    """Pairs (i < j) with d_ij < factor * (R_cov,i + R_cov,j), RDKit covalent radii, hydrogen
+    monovalent as in the fragmenter's bond perception (an H within that distance of several atoms
+    is bonded to the nearest: a short hydrogen bond is not a new bond)."""
     from rdkit import Chem
 
+    from ..fragment.bonds import monovalent_hydrogens
+
+    z = np.asarray(numbers)
     pt = Chem.GetPeriodicTable()
-    r = np.array([pt.GetRcovalent(int(z)) for z in numbers])
+    r = np.array([pt.GetRcovalent(int(k)) for k in z])
     pos = np.asarray(positions)
     d = np.linalg.norm(pos[:, None, :] - pos[None, :, :], axis=-1)
-    i, j = np.nonzero(np.triu(d < factor * (r[:, None] + r[None, :]), k=1))
+    adj = d < factor * (r[:, None] + r[None, :])
+    np.fill_diagonal(adj, False)
+    adj = monovalent_hydrogens(adj, d, np.flatnonzero(z == 1))
+    i, j = np.nonzero(np.triu(adj, k=1))
     return set(zip(i.tolist(), j.tolist()))
 
 
