@@ -11,7 +11,9 @@ Continuity of the potential energy surface
 Everything discrete is decided once per bond topology and frozen: bonds -> groups -> kernels
 (merging uses the bond-order matrix at the *first* geometry seen for that topology) -> explicit
 overlaps (the c_w test at that same geometry). A topology is identified by the atomic numbers, the
-total charge and the distance-based connectivity graph (d_ij <= 1.3 (R_cov,i + R_cov,j)). Along an MD
+total charge and the distance-based connectivity graph (d_ij <= 1.3 (R_cov,i + R_cov,j); a hydrogen
+within that distance of several atoms is bonded to the nearest, so a short hydrogen bond is not a
+bond). Along an MD
 trajectory without bond breaking the explicit hypergraph is therefore constant, and the energy is as
 smooth as the network. Implicit cross tokens are recomputed every call from the current positions:
 a candidate token (kernel F, atom i), i not in F, is listed when min_{j in F} |r_i - r_j| < r_c, and
