@@ -354,13 +354,13 @@ def test_compiled_energy_and_forces_match_eager_across_token_lists(threads):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        _check_compiled_against_eager()
+        _check_compiled_against_eager(finite_differences=threads == 1)
     finally:
         torch.set_num_threads(before)
     assert not torch.are_deterministic_algorithms_enabled()  # the setting was restored
 
 
-def _check_compiled_against_eager():
+def _check_compiled_against_eager(finite_differences: bool):
     import ase.io
 
     from pathlib import Path
@@ -384,9 +384,10 @@ def _check_compiled_against_eager():
         assert abs(e_c - e_e) <= 1e-9 * abs(e_e)
     assert len(token_counts) == 3  # three different token lists ...
     assert compiled.compiled.compilations == 1  # ... one compiled graph
-    a.calc = compiled
-    numerical = calculate_numerical_forces(a, eps=1e-4)
-    assert np.abs(numerical - a.get_forces()).max() <= 1e-5 * np.abs(f_e).max()
+    if finite_differences:  # 336 calls: once is enough (two threads on a busy CI core are slow)
+        a.calc = compiled
+        numerical = calculate_numerical_forces(a, eps=1e-4)
+        assert np.abs(numerical - a.get_forces()).max() <= 1e-5 * np.abs(f_e).max()
 
 
 def test_failed_compile_falls_back_to_eager_with_a_warning(model, monkeypatch):
