@@ -325,6 +325,57 @@ def test_cuda_graph_replay_matches_eager_and_recaptures_on_new_topology(tmp_path
     assert graphed.graphed.captures == 2
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_compiled_graph_replay_matches_eager_across_token_lists(tmp_path):
+    """``compile=True`` on CUDA: the compiled graph (Triton kernels) replayed from a CUDA graph
+    gives the eager float32 numbers along geometries whose implicit cross-token lists differ (no
+    skin): one compilation, one capture per token list; without CUDA graphs the compiled graph is
+    called directly, same numbers."""
+    import ase.io
+
+    from pathlib import Path
+
+    path = save_model(randomised(preset="md22", num_blocks=1), tmp_path / "m.pt", dtype=torch.float64)
+    eager = SE3SetCalculator(path, device="cuda", cuda_graph=False, skin=0.0)
+    replayed = SE3SetCalculator(path, device="cuda", compile=True, skin=0.0)
+    direct = SE3SetCalculator(path, device="cuda", compile=True, cuda_graph=False, skin=0.0)
+    assert replayed.graphed.compiled is replayed.compiled
+    atoms = ase.io.read(Path(__file__).parent / "data" / "dha.xyz")
+    rng = np.random.default_rng(0)
+    token_counts = set()
+    for _ in range(3):
+        a = atoms.copy()
+        a.positions += rng.normal(scale=0.06, size=a.positions.shape)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # no fallback
+            f_r, f_d = replayed.get_forces(a), direct.get_forces(a)
+        f_e = eager.get_forces(a)
+        token_counts.add(replayed.fragmenter(a).num_tokens)
+        assert np.abs(f_e).max() > 1e-2
+        for f in (f_r, f_d):
+            assert np.abs(f - f_e).max() <= 1e-5 * np.abs(f_e).max()
+        assert abs(replayed.get_potential_energy(a) - eager.get_potential_energy(a)) <= 1e-5 * abs(
+            eager.get_potential_energy(a))
+    assert len(token_counts) == 3
+    assert replayed.compiled.compilations == 1 and replayed.graphed.captures == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_failed_compile_falls_back_to_the_eager_cuda_graph(model, monkeypatch, tmp_path):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no Triton")
+
+    path = save_model(model, tmp_path / "m.pt", dtype=torch.float64)
+    monkeypatch.setattr(torch, "compile", broken)
+    atoms = molecule("CH3CH2OH")
+    calc = SE3SetCalculator(path, device="cuda", compile=True)
+    with pytest.warns(RuntimeWarning, match="compiling energy \\+ forces failed .*no Triton"):
+        forces = calc.get_forces(atoms)
+    assert calc.compiled is None and calc.graphed is not None and calc.graphed.compiled is None
+    ref = SE3SetCalculator(path, device="cuda", cuda_graph=False).get_forces(atoms)
+    assert np.abs(forces - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
 def test_per_topology_cache_builds_once_per_topology_and_forgets_the_oldest():
     """The cache behind CUDA graphs and compiled graphs: one build per topology (positions do not
     count), a returning topology is found again, and beyond ``max_entries`` the least recently

@@ -51,16 +51,16 @@ class CompiledEnergyForces:
     """``energy_and_forces(model, hg)`` through a compiled graph, one per molecule (same elements
     and batch; any token lists).
 
-    ``model``: an inference model (no parameter needs a gradient) on the CPU. Call with a
+    ``model``: an inference model (no parameter needs a gradient) on the CPU or a CUDA device
+    (Triton kernels there; the calculator replays the compiled graph from a CUDA graph). Call with a
     hypergraph: returns total energies (G,) eV, forces (N, 3) eV/Å and per-atom energies (N,) eV.
     ``compilations`` counts the graphs compiled so far.
     """
 
     def __init__(self, model: SE3SetModel, max_graphs: int = 4):
         self.device = next(model.parameters()).device
-        if self.device.type != "cpu":
-            raise ValueError(f"compiled energy + forces is implemented for the CPU, not {self.device} "
-                             "(on CUDA the calculator replays CUDA graphs instead)")
+        if self.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"compiled energy + forces is implemented for the CPU and CUDA, not {self.device}")
         if any(p.requires_grad for p in model.parameters()):
             raise ValueError("compiled energy + forces is for inference: set requires_grad_(False) on the parameters")
         self.model = model
@@ -92,24 +92,31 @@ class CompiledEnergyForces:
             graph = make_fx(call, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*example)
         _check_sizes_symbolic(graph)
         fn = torch.compile(graph, dynamic=True, fullgraph=True)
-        with _threads_safe():
+        with _threads_safe(self.device):
             fn(*example)  # compile now, not at the first step that uses it
         return _Compiled(fn)
 
+    def graph_inputs(self, hg: Hypergraph) -> tuple[Callable[..., tuple[Tensor, Tensor, Tensor]], tuple[Tensor, ...]]:
+        """The compiled function for ``hg``'s molecule (compiled now if not yet) and its inputs
+        ``(positions, *indices)`` taken from ``hg`` as they are (no copies: ``hg`` must be on
+        the model's device, in its dtype). For a CUDA-graph capture (:mod:`.graphed`)."""
+        entry = self._graphs(hg)
+        return entry.fn, (hg.positions,) + tuple(getattr(hg, f) for f in _INDEX_FIELDS)
+
     def __call__(self, hg: Hypergraph) -> tuple[Tensor, Tensor, Tensor]:
         entry = self._graphs(hg)
-        with _threads_safe():  # a call may recompile (a size guard failing)
+        with _threads_safe(self.device):  # a call may recompile (a size guard failing)
             return entry.fn(hg.positions.to(self.device, self.model.dtype),
                             *(getattr(hg, f).to(self.device) for f in _INDEX_FIELDS))
 
 
 @contextmanager
-def _threads_safe() -> Iterator[None]:
+def _threads_safe(device: torch.device) -> Iterator[None]:
     """With more than one torch thread, hold ``torch.use_deterministic_algorithms(True)`` (warn
     only) so that TorchInductor leaves scatter/index-put accumulations to ATen instead of writing
     vectorised atomic adds it cannot generate; with one thread (plain stores, no atomics) nothing
-    changes. The previous setting is restored on exit."""
-    if torch.get_num_threads() == 1:
+    changes, nor on CUDA (Triton's atomics are fine there). The previous setting is restored on exit."""
+    if device.type != "cpu" or torch.get_num_threads() == 1:
         yield
         return
     was_on = torch.are_deterministic_algorithms_enabled()
