@@ -8,12 +8,16 @@
 #   mkdir -p .gpu/data && cp ../shared/data/md17/aspirin.extxyz .gpu/data/
 #   python -c "import ase.io; ase.io.write('.gpu/data/stachyose0.extxyz',
 #       ase.io.read('../shared/data/gfn2/stachyose.extxyz', index=0))"
-# Each step has its own time limit so that a slow one cannot starve the rest.
-#   1. CUDA tests (calculator CUDA float32 vs CPU float64, model and fused-path tests)
-#   2. bench_speed.py --device cuda: ms per force call (eager and CUDA graph), training samples/s at
-#      batch 8, 32 and 128, peak MiB
-#   3. fit on CUDA (aspirin, small preset): a run cut by --max-time, then --resume on CUDA
-# SKIP_FIT=1 stops after 2; TESTS="tests/x.py ..." picks the test files of step 1.
+# Each step has its own time limit so that a slow one cannot starve the rest. A session has 15
+# minutes of device time, a machine's start takes 1-2 of them: the default steps fit in one call
+# with timeout_s=600.
+#   1. CUDA tests (calculator CUDA float32 vs CPU float64, CUDA graphs, compile=True on CUDA, model
+#      and fused-path tests); the two compile tests compile for ~1 min each
+#   2. gpu_profile.py: kernels and GPU time per call, TF32, training samples/s at batch 8 and 32
+#   3. gpu_profile.py --sections compile: the compiled + CUDA-graph path, small preset (~2.5 min)
+#   4. with BENCH=1: bench_speed.py --device cuda (all molecules, plain vs fused vs CUDA graph)
+#   5. with FIT=1: fit on CUDA (aspirin, small preset): a run cut by --max-time, then --resume on CUDA
+# TESTS="tests/x.py ..." picks the test files of step 1.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -28,10 +32,14 @@ if [ -f .gpu/data/stachyose0.extxyz ]; then   # bench_speed.py reads stachyose f
 fi
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 $PY -m se3set_ase.cli info > "$OUT/info.txt" 2>&1
-timeout 120 $PY -m pytest -q -rs -p no:cacheprovider -n 6 ${TESTS:-tests/test_calculator.py tests/test_model.py tests/test_fused.py} \
-    2>&1 | tee "$OUT/tests_cuda.txt" | tail -5
-timeout 190 $PY benchmarks/bench_speed.py --device cuda 2>&1 | tee "$OUT/bench_speed_cuda.txt"
-[ -n "${SKIP_FIT:-}" ] && exit 0
+timeout 200 $PY -m pytest -q -rs -p no:cacheprovider -n 8 ${TESTS:-tests/test_calculator.py tests/test_model.py tests/test_fused.py} \
+    > "$OUT/tests_cuda.txt" 2>&1; grep -v Warning "$OUT/tests_cuda.txt" | tail -5
+timeout 100 $PY benchmarks/gpu_profile.py --sections profile,tf32,train --batches 8,32 2>&1 | grep -v USDT \
+    | tee "$OUT/gpu_profile.txt"
+timeout 170 $PY benchmarks/gpu_profile.py --sections compile --presets small 2>&1 | grep -v USDT \
+    | tee "$OUT/gpu_compile.txt"
+[ -n "${BENCH:-}" ] && timeout 190 $PY benchmarks/bench_speed.py --device cuda 2>&1 | tee "$OUT/bench_speed_cuda.txt"
+[ -z "${FIT:-}" ] && exit 0
 export SE3SET_CACHE_DIR=/tmp/h5cache
 DATA=${DATA:-.gpu/data}
 FIT=(fit "$DATA/aspirin.extxyz" --preset small --train-size 800 --valid-size 50 --test-size 50 --batch-size 4
