@@ -513,7 +513,8 @@ def measure(args) -> dict:
                      "epochs": tr.get("epochs"), "data_in_metadata": tr.get("data"), "frames": fr,
                      "seed": seed, "preset": tr.get("preset"), "parameters": tr.get("parameters"),
                      "steps": tr.get("steps"), "wall_time_s": tr.get("wall_time_s"), "device": tr.get("device"),
-                     "dtype": tr.get("dtype"), "metrics_in_metadata": meta_metrics},
+                     "dtype": tr.get("dtype"), "metrics_in_metadata": meta_metrics,
+                     **({"extra_train": tr["extra_train"]} if tr.get("extra_train") else {})},
         "split": {"function": "se3set_ase.data.split_indices", "n": n, "train": int(fr["train"]),
                   "valid": int(fr["valid"]), "test": int(fr["test"]), "seed": seed,
                   **({"block": block} if block != 1 else {}),
@@ -630,6 +631,10 @@ def render_card(c: dict) -> str:
                      f"{ck['recomputed_forces_mae_meV_A']:.3f} meV/Å vs {ck['metadata_forces_mae_meV_A']:.3f} in the model "
                      f"metadata ({'reproduced' if ck['reproduced'] else 'NOT reproduced: split or data differ'})")
     lines.append(f"- test frames whose geometry duplicates a training frame: {s['test_frames_duplicating_a_train_frame']}")
+    if t.get("extra_train"):
+        x = t["extra_train"]
+        lines.append(f"- plus {x['frames']} training-only frames (`--extra-train`, not in valid or test): "
+                     + ", ".join(f"`{Path(f).name}`" for f in x["files"]))
     lines += [
         "", "## Training run (from the model metadata)", "",
         f"- command: `{t['command']}`",

@@ -289,6 +289,49 @@ def test_split_block_from_the_command_line(data_file, tmp_path):
         assert np.array_equal(split[k], np.arange(split[k][0], split[k][0] + 5)) and split[k][0] % 5 == 0
 
 
+def test_extra_train_frames_join_training_only_and_resume_says_so(data_file, tmp_path, caplog):
+    """`--extra-train FILE`: its frames are added to the training set after the split; the split
+    of DATA (hence valid and test) is the one without them, the model metadata keeps the split's
+    counts (what make_card.py recomputes the split from) and names the extra frames, and adding
+    them on --resume is allowed but reported as no exact continuation."""
+    import argparse
+    import logging
+
+    from se3set_ase.training.cli import add_arguments, config_from_args
+
+    extra = tmp_path / "extra.extxyz"
+    write(extra, harmonic_frames(6, seed=9))
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    base = [str(data_file), "--out-dir", str(tmp_path / "run"), "--train-size", "30", "--valid-size", "5",
+            "--test-size", "5", "--seed", "2"]
+    cfg0 = config_from_args(p.parse_args(base))
+    cfg = config_from_args(p.parse_args(base + ["--extra-train", str(extra)]))
+    assert cfg0.extra_train == [] and cfg.extra_train == [str(extra)]
+    _, sets0, split0, _ = prepare_data(cfg0)
+    _, sets, split, _ = prepare_data(cfg)
+    assert all(np.array_equal(split[k], split0[k]) for k in split0)
+    assert [len(sets[k]) for k in ("train", "valid", "test")] == [36, 5, 5]
+    for k in ("valid", "test"):
+        assert np.array_equal(sets[k].energies, sets0[k].energies)
+    assert np.array_equal(sets["train"].energies[:30], sets0["train"].energies)
+    e_extra = [a.get_potential_energy() for a in harmonic_frames(6, seed=9)]
+    assert np.allclose(sets["train"].energies[30:], e_extra)
+
+    kw = dict(model_overrides=dict(SMALL_NET), epochs=1, batch_size=6, dtype="float64", progress=False,
+              save_every_steps=1000, warmup_steps=2)
+    fit(config(data_file, tmp_path / "r", train_size=30, valid_size=5, test_size=5, seed=2, **kw))
+    with caplog.at_level(logging.WARNING, logger="se3set_ase"):
+        fit(config(data_file, tmp_path / "r", train_size=30, valid_size=5, test_size=5, seed=2,
+                   extra_train=[str(extra)], **dict(kw, epochs=2)), resume=True)
+    assert f"resuming with extra_train=['{extra}']" in caplog.text
+    meta = load_model(tmp_path / "r" / "model.pt")[1]["training"]
+    assert meta["frames"] == {"train": 30, "valid": 5, "test": 5}
+    assert meta["extra_train"] == {"files": [str(extra)], "frames": 6}
+    with pytest.raises(DataError, match="does not exist"):
+        prepare_data(config(data_file, tmp_path / "x", extra_train=[str(tmp_path / "missing.xyz")]))
+
+
 def test_cache_not_written_into_read_only_data_folder(tmp_path, monkeypatch):
     """A data folder marked read-only gets no cache file, even for root (who may write anyway)."""
     from se3set_ase.training.cache import cache_path

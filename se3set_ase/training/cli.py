@@ -32,6 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "checkpoint's)")
     p.add_argument("--out-dir", default=None, help="run folder for checkpoints, log.csv, learning_curve.png (default runs/<data name>)")
     p.add_argument("--valid-file"), p.add_argument("--test-file")
+    p.add_argument("--extra-train", action="append", default=[], metavar="FILE",
+                   help="more training frames (repeatable): all of FILE's frames join the training set "
+                        "after the split, so the validation and test sets stay those of DATA (active "
+                        "learning: add labelled frames where the model failed, then --resume)")
     p.add_argument("--energy-key"), p.add_argument("--forces-key")
     p.add_argument("--train-size", type=_size, help="frames (int) or fraction for training; default: the rest")
     p.add_argument("--valid-size", "--valid-fraction", dest="valid_size", type=_size, default=0.05)
@@ -74,7 +78,7 @@ def config_from_args(args: argparse.Namespace):
     e_ref = json.loads(args.element_energies) if args.element_energies else None
     return TrainConfig(
         data=args.data, out_dir=args.out_dir or f"runs/{name}", output=args.output,
-        valid_file=args.valid_file, test_file=args.test_file, energy_key=args.energy_key,
+        valid_file=args.valid_file, test_file=args.test_file, extra_train=list(args.extra_train), energy_key=args.energy_key,
         forces_key=args.forces_key, train_size=args.train_size, valid_size=args.valid_size,
         test_size=args.test_size, split_block=args.split_block, preset=args.preset, model_overrides=json.loads(args.model),
         fragment=args.fragment, element_energies={int(k): float(v) for k, v in e_ref.items()} if e_ref else None,

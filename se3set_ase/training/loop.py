@@ -54,6 +54,7 @@ class TrainConfig:
     output: str | None = None  # final model file; default <out_dir>/model.pt
     valid_file: str | None = None
     test_file: str | None = None
+    extra_train: list[str] = field(default_factory=list)  # files whose frames are all training frames
     energy_key: str | None = None
     forces_key: str | None = None
     train_size: float | None = None  # int count or fraction; None: all not in valid/test
@@ -292,6 +293,12 @@ def prepare_data(cfg: TrainConfig, settings: FragmentSettings | None = None):
         if f:
             fr = _read(_source_path(f), cfg)
             sets[name], _, _ = cached_graphs(_source_path(f), fr, settings, extra, False, pinned=pins)
+    for f in cfg.extra_train or ():  # added to training after the split: valid and test stay as they are
+        fr = _read(_source_path(f), cfg)
+        more, _, _ = cached_graphs(_source_path(f), fr, settings, extra, False, pinned=pins)
+        t = sets["train"]
+        sets["train"] = LabelledGraphs(t.graphs + more.graphs, np.concatenate([t.energies, more.energies]),
+                                       t.forces + more.forces)
     return settings, sets, split, {"cache_file": str(cache_file), "cache_reused": reused, "source": src,
                                    "fragmentations": [p.to_dict() for p in pins]}
 
@@ -350,7 +357,7 @@ def fit(cfg: TrainConfig, resume: bool = False, argv: list[str] | None = None,
             saved.output = cfg.output
         for k in ("max_time", "max_steps", "progress", "save_every_steps", "save_every_minutes", "device"):
             setattr(saved, k, getattr(cfg, k))
-        for k in ("data", "valid_file", "test_file"):
+        for k in ("data", "valid_file", "test_file", "extra_train"):
             if getattr(cfg, k) != getattr(saved, k):
                 log.warning("resuming with %s=%s (the checkpoint used %s): not an exact continuation",
                             k, getattr(cfg, k), getattr(saved, k))
@@ -551,7 +558,11 @@ def fit(cfg: TrainConfig, resume: bool = False, argv: list[str] | None = None,
         output = Path(cfg.output) if cfg.output else out / "model.pt"
         meta = {"training": {"data": data_info["source"], "command": state["commands"][0],
                              "commands": state["commands"],  # the first, then each --resume
-                             "frames": {k: len(v) for k, v in sets.items()},
+                             # the split's counts (make_card.py recomputes the split from them)
+                             "frames": {**{k: len(v) for k, v in sets.items()}, "train": len(split["train"])},
+                             **({"extra_train": {"files": list(cfg.extra_train),
+                                                 "frames": len(train) - len(split["train"])}}
+                                if cfg.extra_train else {}),
                              "split_block": cfg.split_block,
                              "preset": cfg.preset, "parameters": count_parameters(final),
                              "steps": state["step"], "epochs": state["epoch"], "stopped": stopped or "done",
