@@ -241,7 +241,7 @@ def run_langevin(model_path, frame, temperature, ps, dt_fs, seed, compile=False,
             if not np.isfinite(pos).all():
                 event = {"step": step, "time_ps": step * dt_fs / 1000, "kind": "non-finite positions"}
                 break
-            b = bond_set(atoms.numbers, pos)
+            b = bond_set(atoms.numbers, pos, previous=bonds0)  # hysteresis, as the calculator's
             if b != bonds0:
                 event = {"step": step, "time_ps": step * dt_fs / 1000, "kind": "bond topology changed",
                          "broken": sorted(map(list, bonds0 - b))[:8], "formed": sorted(map(list, b - bonds0))[:8]}
@@ -296,7 +296,7 @@ def run_nve(model_path, frame, ps, dt_fs, seed, compile=False):
                 break
             e.append(etot)
             t.append(step * dt_fs / 1000)
-            if bond_set(atoms.numbers, atoms.positions) != bonds0:
+            if bond_set(atoms.numbers, atoms.positions, previous=bonds0) != bonds0:
                 topo = step  # drift across a bond change is meaningless: stop here
                 stop = f"bond topology changed at step {step}"
                 break

@@ -60,6 +60,12 @@ class SE3SetCalculator(Calculator):
         CUDA graph, is kept until an atom has moved skin/2. Default 1.0 with CUDA graphs or
         ``compile`` (there it saves rebuilding the index tensors), else 0. Energies and forces do
         not depend on it.
+    hysteresis: bond perception along the trajectory the calculator sees (default True): a bond
+        of the previous call holds up to 1.3 x the covalent radii sum, a new one forms only below
+        1.1 x (``Fragmenter(hysteresis=...)``), so thermal fluctuations near the threshold do not
+        re-fragment the molecule (the energy would jump there). False: each call's bonds from its
+        geometry alone, as the training data were fragmented (the two differ only for pairs
+        between the two thresholds).
 
     Results: ``energy``/``free_energy`` (eV), ``forces`` (eV/Å), ``energies`` (per atom, eV).
     """
@@ -69,7 +75,7 @@ class SE3SetCalculator(Calculator):
     def __init__(self, model: str | os.PathLike | SE3SetModel, device: str | torch.device = "auto",
                  dtype: torch.dtype | None = None, charge: int | None = None,
                  cuda_graph: bool | None = None, compile: bool = False, skin: float | None = None,
-                 **kwargs: Any):
+                 hysteresis: bool = True, **kwargs: Any):
         super().__init__(**kwargs)
         self.device = pick_device(device)
         if compile and self.device.type not in ("cpu", "cuda"):
@@ -97,7 +103,7 @@ class SE3SetCalculator(Calculator):
         self.graphed = GraphedEnergyForces(self.model, compiled=self.compiled) if cuda_graph else None
         if skin is None:
             skin = 1.0 if (cuda_graph or compile) else 0.0
-        self.fragmenter = Fragmenter.for_model(self.model, skin=skin)
+        self.fragmenter = Fragmenter.for_model(self.model, skin=skin, hysteresis=hysteresis)
 
     def _check(self, atoms) -> None:
         if atoms is None or len(atoms) == 0:

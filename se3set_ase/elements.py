@@ -33,6 +33,13 @@ COVALENT_RADII: dict[int, float] = {
 #: Bond criterion factor: bonded when d_ij <= 1.3 (R_cov,i + R_cov,j).
 CONNECTIVITY_FACTOR = 1.3
 
+#: Along a trajectory (hysteresis, :func:`se3set_ase.fragment.bonds.connectivity`): a bond the
+#: previous step did not have forms only when d_ij <= 1.1 (R_cov,i + R_cov,j); one it had breaks
+#: only beyond ``CONNECTIVITY_FACTOR``. At 1.3 alone, the two carbons next to the N of a purine's
+#: five-membered ring (1-3 pair, 2.12 +- 0.03 Å at 300 K in GFN2-xTB AT-AT; threshold 1.976 Å)
+#: "bond" in a thermal fluctuation, a three-membered ring no bond orders exist for.
+FORMING_FACTOR = 1.1
+
 #: Atomic numbers supported by the fragmentation, ascending.
 SUPPORTED_NUMBERS: tuple[int, ...] = tuple(sorted(BO_RADII))
 

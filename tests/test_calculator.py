@@ -376,6 +376,32 @@ def test_cuda_failed_compile_falls_back_to_the_eager_cuda_graph(model, monkeypat
     assert np.abs(forces - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
+def test_calculator_bond_hysteresis_rides_out_a_squeezed_pair(model):
+    """The calculator follows a trajectory with bond hysteresis (default): water bent until its
+    H...H pair is inside the 1.3 x covalent-radii distance (0.78 Å) keeps its topology and gives
+    a finite energy continuous with the step before; with ``hysteresis=False`` that geometry alone
+    has no valid bond orders."""
+    from se3set_ase.fragment import FragmentationError
+
+    def bent(hh, oh=0.96):
+        half = np.arcsin(hh / 2 / oh)
+        return Atoms("OH2", positions=[[0, 0, 0], [oh * np.sin(half), oh * np.cos(half), 0],
+                                       [-oh * np.sin(half), oh * np.cos(half), 0]])
+    calc = SE3SetCalculator(model, device="cpu")
+    energies = []
+    for hh in np.linspace(0.84, 0.78, 7):  # crosses 0.806 Å between the 4th and 5th geometry
+        a = bent(hh)
+        a.calc = calc
+        energies.append(a.get_potential_energy())
+    assert np.isfinite(energies).all() and not calc.fragmenter.last_topology_changed
+    steps = np.abs(np.diff(energies))
+    assert steps[3] <= 3 * max(steps[2], steps[4]) + 1e-9  # no jump where the threshold is crossed
+    plain = SE3SetCalculator(model, device="cpu", hysteresis=False)
+    plain.get_potential_energy(bent(0.84))
+    with pytest.raises(FragmentationError):
+        plain.get_potential_energy(bent(0.78))
+
+
 def test_per_topology_cache_builds_once_per_topology_and_forgets_the_oldest():
     """The cache behind CUDA graphs and compiled graphs: one build per topology (positions do not
     count), a returning topology is found again, and beyond ``max_entries`` the least recently

@@ -23,6 +23,8 @@ from se3set_ase.fragment import (
     validate_structure,
 )
 
+from se3set_ase.fragment.bonds import connectivity  # noqa: E402
+
 DATA = Path(__file__).parent / "data"
 MD17 = FragmentSettings.preset("md17")
 MD22 = FragmentSettings.preset("md22")
@@ -467,3 +469,45 @@ def test_proton_of_a_short_hydrogen_bond_stays_bonded_to_its_donor_only():
     assert bonds == ((0, 2, 1), (1, 3, 1), (3, 4, 1), (3, 5, 1))  # hydroxide + hydronium
     fr(crossed)
     assert fr.last_topology_changed
+
+
+def bent_water(hh: float, oh: float = 0.96) -> Atoms:
+    """Water with O-H ``oh`` Å and the two hydrogens ``hh`` Å apart."""
+    half = np.arcsin(hh / 2 / oh)
+    return Atoms("OH2", positions=[[0, 0, 0], [oh * np.sin(half), oh * np.cos(half), 0],
+                                   [-oh * np.sin(half), oh * np.cos(half), 0]])
+
+
+def test_hysteresis_keeps_the_topology_through_a_fluctuation_across_the_bond_threshold():
+    """A 1-3 pair squeezed just inside 1.3 (R_i + R_j) (H...H 0.78 Å < 0.806 Å; AT-AT's ring C...C
+    pair did this at 5.6 ps of 300 K MD) "bonds" by distance alone, and no bond orders exist for
+    that graph; along a trajectory (hysteresis) a new bond needs 1.1 (R_i + R_j) = 0.682 Å, so the
+    water stays water. A pair that does come that close still changes the topology, and without
+    hysteresis each geometry stands alone as before."""
+    plain = Fragmenter(FragmentSettings.preset("md17"))
+    traj = Fragmenter(FragmentSettings.preset("md17"), hysteresis=True)
+    for f in (plain, traj):
+        f(bent_water(1.52))
+    with pytest.raises(FragmentationError):
+        plain(bent_water(0.78))
+    hg = traj(bent_water(0.78))
+    assert not traj.last_topology_changed and hg.num_tokens == traj(bent_water(1.52)).num_tokens
+    assert connectivity(np.array([8, 1, 1]), _dist(bent_water(0.78)), previous=_adj_water())[1, 2] == False  # noqa: E712
+    assert connectivity(np.array([8, 1, 1]), _dist(bent_water(0.78)))[1, 2] == True  # noqa: E712
+    with pytest.raises(FragmentationError):
+        traj(bent_water(0.66))  # inside the forming threshold: a real new bond
+    fresh = Fragmenter(FragmentSettings.preset("md17"), hysteresis=True)
+    with pytest.raises(FragmentationError):
+        fresh(bent_water(0.78))  # no previous call: the geometry alone decides
+
+
+def _dist(a: Atoms) -> np.ndarray:
+    d = np.linalg.norm(a.positions[:, None] - a.positions[None], axis=-1)
+    np.fill_diagonal(d, np.inf)
+    return d
+
+
+def _adj_water() -> np.ndarray:
+    adj = np.zeros((3, 3), dtype=bool)
+    adj[0, 1:] = adj[1:, 0] = True
+    return adj

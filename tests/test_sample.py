@@ -39,6 +39,29 @@ def test_bond_set_short_hydrogen_bond_is_no_new_bond():
     assert bond_set(moved.numbers, moved.positions) == {(0, 2), (1, 3), (3, 4), (3, 5)}
 
 
+def test_bond_set_with_previous_bonds_has_the_calculators_hysteresis():
+    """Along a trajectory a pair not bonded before counts as bonded only below 1.1 (R_i + R_j):
+    water squeezed to H...H 0.78 Å (inside 1.3 x 0.62 = 0.806 Å) is still water then, at 0.66 Å
+    (inside 0.682 Å) it is not; without ``previous`` the geometry alone decides."""
+    from ase import Atoms
+
+    def bent(hh, oh=0.96):
+        half = np.arcsin(hh / 2 / oh)
+        return Atoms("OH2", positions=[[0, 0, 0], [oh * np.sin(half), oh * np.cos(half), 0],
+                                       [-oh * np.sin(half), oh * np.cos(half), 0]])
+    water = {(0, 1), (0, 2)}
+    assert bond_set(bent(1.52).numbers, bent(1.52).positions) == water
+    squeezed = bent(0.78)
+    assert bond_set(squeezed.numbers, squeezed.positions) == {(1, 2)}
+    assert bond_set(squeezed.numbers, squeezed.positions, previous=water) == water
+    closer = bent(0.66)
+    assert bond_set(closer.numbers, closer.positions, previous=water) == {(1, 2)}
+    stretched = bent(1.52, oh=1.25)  # O-H inside 1.3 x 0.97 = 1.261 Å: the bonds hold
+    assert bond_set(stretched.numbers, stretched.positions, previous=water) == water
+    broken = bent(1.52, oh=1.27)  # beyond it: broken, hysteresis or not
+    assert bond_set(broken.numbers, broken.positions, previous=water) == set()
+
+
 def test_bad_smiles_and_unsupported_element(tmp_path):
     pytest.importorskip("tblite.ase")
     with pytest.raises(DataError, match="not a valid SMILES"):

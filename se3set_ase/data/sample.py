@@ -72,12 +72,20 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def bond_set(numbers, positions, factor: float = BOND_FACTOR) -> set[tuple[int, int]]:
+def bond_set(numbers, positions, factor: float = BOND_FACTOR,
+             previous: set[tuple[int, int]] | None = None) -> set[tuple[int, int]]:
     """Pairs (i < j) with d_ij < factor * (R_cov,i + R_cov,j), RDKit covalent radii, hydrogen
     monovalent as in the fragmenter's bond perception (an H within that distance of several atoms
-    is bonded to the nearest: a short hydrogen bond is not a new bond)."""
+    is bonded to the nearest: a short hydrogen bond is not a new bond).
+
+    ``previous``: the bonds of an earlier step of the same trajectory, for hysteresis as in the
+    calculator (``Fragmenter(hysteresis=True)``): those hold below ``factor``, a pair not among
+    them counts as bonded only below ``elements.FORMING_FACTOR`` (1.1). A thermal fluctuation
+    across the 1.3 threshold (GFN2-xTB's own AT-AT frames bring a ring's 1-3 C...C pair within 2 %
+    of it) is then no new bond; a reaction still is."""
     from rdkit import Chem
 
+    from ..elements import FORMING_FACTOR
     from ..fragment.bonds import monovalent_hydrogens
 
     z = np.asarray(numbers)
@@ -86,6 +94,12 @@ def bond_set(numbers, positions, factor: float = BOND_FACTOR) -> set[tuple[int, 
     pos = np.asarray(positions)
     d = np.linalg.norm(pos[:, None, :] - pos[None, :, :], axis=-1)
     adj = d < factor * (r[:, None] + r[None, :])
+    if previous is not None:
+        was = np.zeros_like(adj)
+        if previous:
+            i, j = np.array(sorted(previous)).T
+            was[i, j] = was[j, i] = True
+        adj = np.where(was, adj, d < FORMING_FACTOR * (r[:, None] + r[None, :]))
     np.fill_diagonal(adj, False)
     adj = monovalent_hydrogens(adj, d, np.flatnonzero(z == 1))
     i, j = np.nonzero(np.triu(adj, k=1))
@@ -262,7 +276,7 @@ def _check(atoms, forces, energy, bonds0, frame, step, dt_fs, max_force, out) ->
     if fmax > max_force:
         raise SamplingError(f"{where}: forces exploded (max |F| = {fmax:.1f} eV/Å > {max_force:g}); "
                             f"stopping ({kept})")
-    bonds = bond_set(atoms.numbers, atoms.positions)
+    bonds = bond_set(atoms.numbers, atoms.positions, previous=bonds0)
     if bonds != bonds0:
         broken, formed = bonds0 - bonds, bonds - bonds0
         msg = []

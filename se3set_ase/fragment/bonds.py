@@ -50,15 +50,31 @@ class Topology:
         return np.array([(i, j) for i, j, _ in self.bonds], dtype=np.int64).reshape(-1, 2)
 
 
-def threshold_matrix(z: np.ndarray) -> np.ndarray:
+def threshold_matrix(z: np.ndarray, factor: float = elements.CONNECTIVITY_FACTOR) -> np.ndarray:
     rc = elements.covalent_radii(z)
-    return elements.CONNECTIVITY_FACTOR * (rc[:, None] + rc[None, :])
+    return factor * (rc[:, None] + rc[None, :])
 
 
-def connectivity(z: np.ndarray, d: np.ndarray) -> np.ndarray:
+def connectivity(z: np.ndarray, d: np.ndarray, previous: np.ndarray | None = None) -> np.ndarray:
     """Boolean adjacency (N, N) from a distance matrix with +inf diagonal (hydrogen monovalent,
-    see :func:`monovalent_hydrogens`)."""
-    return monovalent_hydrogens(d <= threshold_matrix(z), d, np.flatnonzero(z == 1))
+    see :func:`monovalent_hydrogens`).
+
+    ``previous``: the adjacency of the step before (same atoms), for hysteresis along a
+    trajectory: its bonds hold up to the usual threshold (``CONNECTIVITY_FACTOR``), a new bond
+    needs ``FORMING_FACTOR`` (:func:`hysteresis_adjacency`)."""
+    if previous is None:
+        adj = d <= threshold_matrix(z)
+    else:
+        adj = hysteresis_adjacency(d, threshold_matrix(z), threshold_matrix(z, elements.FORMING_FACTOR), previous)
+    return monovalent_hydrogens(adj, d, np.flatnonzero(z == 1))
+
+
+def hysteresis_adjacency(d: np.ndarray, thr_break: np.ndarray, thr_form: np.ndarray,
+                         previous: np.ndarray) -> np.ndarray:
+    """Bonds with hysteresis: a pair bonded in ``previous`` stays bonded while d <= thr_break, a
+    pair that was not bonds only when d <= thr_form (< thr_break). Thermal fluctuations across one
+    threshold then change nothing; a real reaction crosses both."""
+    return np.where(previous, d <= thr_break, d <= thr_form)
 
 
 def monovalent_hydrogens(adj: np.ndarray, d: np.ndarray, hydrogens: np.ndarray) -> np.ndarray:

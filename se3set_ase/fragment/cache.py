@@ -8,7 +8,8 @@ import numpy as np
 import torch
 
 from ..hypergraph import Hypergraph, collate
-from .bonds import _charge_int, monovalent_hydrogens, threshold_matrix, topology_from_pairs
+from .. import elements
+from .bonds import _charge_int, hysteresis_adjacency, monovalent_hydrogens, threshold_matrix, topology_from_pairs
 from .core import FragmentSettings, Fragmentation, fragment_topology
 from .errors import as_arrays, check_cell, check_close_pairs, check_elements, distance_matrix
 
@@ -33,18 +34,27 @@ class Fragmenter:
     skin`` and keep the list until an atom has moved ``skin / 2`` (a Verlet list). The extra
     tokens have weight exactly 0, so energies and forces are unchanged, but the index tensors
     then stay the same over many MD steps, which lets the calculator replay a CUDA graph.
+
+    ``hysteresis`` (for trajectories: the calculator sets it): the connectivity of a call starts
+    from the previous call's, for the same atoms and charge: its bonds hold up to the usual
+    1.3 x (R_i + R_j), a new bond needs d <= 1.1 x (R_i + R_j) (``elements.FORMING_FACTOR``).
+    Thermal fluctuations across the 1.3 threshold (a 1-3 pair in a strained ring, a stretched
+    bond) then do not re-fragment the molecule; a reaction, which crosses both, still does.
+    Off (default), each call's connectivity depends on its geometry alone, as in training.
     """
 
     def __init__(self, settings: FragmentSettings | None = None, cache_size: int = 256,
-                 pinned: Iterable[Fragmentation] = (), skin: float = 0.0):
+                 pinned: Iterable[Fragmentation] = (), skin: float = 0.0, hysteresis: bool = False):
         if not skin >= 0:
             raise ValueError(f"skin must be >= 0 Å, got {skin}")
         self.settings = FragmentSettings() if settings is None else settings
         self.skin = float(skin)
+        self.hysteresis = bool(hysteresis)
         self.cache_size = int(cache_size)
         self._pinned = {_pin_key(f): f for f in pinned}
         self._cache: OrderedDict[bytes, Fragmentation] = OrderedDict()
-        self._thr: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}  # elements -> (thresholds, H indices)
+        # elements -> (bond thresholds, forming thresholds, H indices)
+        self._thr: dict[bytes, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._last_key: bytes | None = None
         self._last = None  # (key, charge, numbers bytes, adjacency, fragmentation)
         self.last_topology_changed = False
@@ -52,11 +62,11 @@ class Fragmenter:
         self.misses = 0
 
     @classmethod
-    def for_model(cls, model, cache_size: int = 256, skin: float = 0.0) -> "Fragmenter":
+    def for_model(cls, model, cache_size: int = 256, skin: float = 0.0, hysteresis: bool = False) -> "Fragmenter":
         """The fragmenter of a model: its settings and the fragmentations it was trained on."""
         settings = model.config.fragment
         pins = [Fragmentation.from_dict(d, settings) for d in getattr(model, "fragmentations", ())]
-        return cls(settings, cache_size, pinned=pins, skin=skin)
+        return cls(settings, cache_size, pinned=pins, skin=skin, hysteresis=hysteresis)
 
     def fragmentations(self) -> list[Fragmentation]:
         """The fragmentations decided so far (pinned first), in the order they were made."""
@@ -94,15 +104,19 @@ class Fragmenter:
         cached = self._thr.get(zkey)
         if cached is None:
             check_elements(z)
-            cached = (threshold_matrix(z), np.flatnonzero(z == 1))
+            cached = (threshold_matrix(z), threshold_matrix(z, elements.FORMING_FACTOR), np.flatnonzero(z == 1))
             if len(self._thr) > 4 * self.cache_size:
                 self._thr.clear()
             self._thr[zkey] = cached
-        thr, hydrogens = cached
+        thr, thr_form, hydrogens = cached
         d = distance_matrix(r)
         check_close_pairs(z, d)
-        adj = monovalent_hydrogens(d <= thr, d, hydrogens)
         last = self._last
+        if self.hysteresis and last is not None and last[1] == charge and last[2] == zkey:
+            adj = hysteresis_adjacency(d, thr, thr_form, last[3])
+        else:
+            adj = d <= thr
+        adj = monovalent_hydrogens(adj, d, hydrogens)
         if (last is not None and last[1] == charge and last[2] == zkey
                 and np.array_equal(last[3], adj)):  # fast path: same topology as last call
             self.last_topology_changed = False
