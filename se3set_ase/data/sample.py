@@ -74,33 +74,32 @@ def _versions() -> dict[str, str]:
 
 def bond_set(numbers, positions, factor: float = BOND_FACTOR,
              previous: set[tuple[int, int]] | None = None) -> set[tuple[int, int]]:
-    """Pairs (i < j) with d_ij < factor * (R_cov,i + R_cov,j), RDKit covalent radii, hydrogen
-    monovalent as in the fragmenter's bond perception (an H within that distance of several atoms
-    is bonded to the nearest: a short hydrogen bond is not a new bond).
+    """Pairs (i < j) with d_ij <= factor * (R_cov,i + R_cov,j), RDKit covalent radii, hydrogen
+    monovalent: the fragmenter's own connectivity (:func:`se3set_ase.fragment.bonds.connectivity`;
+    an H within that distance of several atoms is bonded to the nearest, so a short hydrogen bond
+    is not a new bond).
 
     ``previous``: the bonds of an earlier step of the same trajectory, for hysteresis as in the
-    calculator (``Fragmenter(hysteresis=True)``): those hold below ``factor``, a pair not among
+    calculator (``Fragmenter(hysteresis=True)``): those hold up to ``factor``, a pair not among
     them counts as bonded only below ``elements.FORMING_FACTOR`` (1.1). A thermal fluctuation
     across the 1.3 threshold (GFN2-xTB's own AT-AT frames bring a ring's 1-3 C...C pair within 2 %
     of it) is then no new bond; a reaction still is."""
-    from rdkit import Chem
-
     from ..elements import FORMING_FACTOR
-    from ..fragment.bonds import monovalent_hydrogens
+    from ..fragment.bonds import hysteresis_adjacency, monovalent_hydrogens, threshold_matrix
 
     z = np.asarray(numbers)
-    pt = Chem.GetPeriodicTable()
-    r = np.array([pt.GetRcovalent(int(k)) for k in z])
-    pos = np.asarray(positions)
+    pos = np.asarray(positions, dtype=float)
     d = np.linalg.norm(pos[:, None, :] - pos[None, :, :], axis=-1)
-    adj = d < factor * (r[:, None] + r[None, :])
-    if previous is not None:
-        was = np.zeros_like(adj)
+    np.fill_diagonal(d, np.inf)
+    thr = threshold_matrix(z, factor)
+    if previous is None:
+        adj = d <= thr
+    else:
+        was = np.zeros(d.shape, dtype=bool)
         if previous:
             i, j = np.array(sorted(previous)).T
             was[i, j] = was[j, i] = True
-        adj = np.where(was, adj, d < FORMING_FACTOR * (r[:, None] + r[None, :]))
-    np.fill_diagonal(adj, False)
+        adj = hysteresis_adjacency(d, thr, threshold_matrix(z, FORMING_FACTOR), was)
     adj = monovalent_hydrogens(adj, d, np.flatnonzero(z == 1))
     i, j = np.nonzero(np.triu(adj, k=1))
     return set(zip(i.tolist(), j.tolist()))
