@@ -404,7 +404,6 @@ def _tp_shared(ctx: _Ctx, tp, xs: Feat, attr: Feat) -> list[Tensor]:
     meta = _tmeta(ctx, tp)
     wflat = tp.weight
     out = []
-    ycache: dict[tuple[int, int], Tensor] = {}
     for (i1, i2, _io, l1, l2, l3, pw, off, u, v) in meta.paths:
         x = xs[i1]
         e = x.shape[0]
