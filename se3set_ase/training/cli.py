@@ -68,6 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-every-minutes", type=float, default=10.0)
     p.add_argument("--max-time", type=_duration, help="stop cleanly and save after this long (s, 90m, 2h, HH:MM:SS)")
     p.add_argument("--resume", action="store_true", help="continue OUT_DIR/last.ckpt exactly")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic kernels, so that a resumed run equals an unbroken one bit for bit "
+                        "on CUDA too (on the CPU it does anyway); slower on CUDA")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -87,7 +90,7 @@ def config_from_args(args: argparse.Namespace):
         schedule=args.schedule, weight_decay=args.weight_decay, ema_decay=args.ema_decay,
         clip_grad=args.clip_grad or None, energy_weight=args.energy_weight, forces_weight=args.forces_weight,
         seed=args.seed, save_every_steps=args.save_every_steps, save_every_minutes=args.save_every_minutes,
-        max_time=args.max_time, progress=not args.no_progress)
+        max_time=args.max_time, progress=not args.no_progress, deterministic=args.deterministic)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import math
@@ -87,6 +88,7 @@ class TrainConfig:
     max_time: float | None = None  # seconds
     max_steps: int | None = None
     progress: bool = True
+    deterministic: bool = False  # deterministic kernels: bitwise-exact resume on CUDA too (slower)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
@@ -357,12 +359,36 @@ def fit(cfg: TrainConfig, resume: bool = False, argv: list[str] | None = None,
             saved.output = cfg.output
         for k in ("max_time", "max_steps", "progress", "save_every_steps", "save_every_minutes", "device"):
             setattr(saved, k, getattr(cfg, k))
+        saved.deterministic = saved.deterministic or cfg.deterministic
         for k in ("data", "valid_file", "test_file", "extra_train"):
             if getattr(cfg, k) != getattr(saved, k):
                 log.warning("resuming with %s=%s (the checkpoint used %s): not an exact continuation",
                             k, getattr(cfg, k), getattr(saved, k))
                 setattr(saved, k, getattr(cfg, k))
         cfg = saved
+    with _determinism(cfg.deterministic):
+        return _run(cfg, ck, out, argv)
+
+
+@contextlib.contextmanager
+def _determinism(on: bool):
+    """``deterministic=True``: PyTorch's deterministic kernels for the run, so that on CUDA too a
+    resumed run equals an unbroken one bit for bit (CUDA's atomic ``index_add`` otherwise sums in a
+    varying order). cuBLAS needs ``CUBLAS_WORKSPACE_CONFIG`` set before its first use in the process.
+    On the CPU the kernels are deterministic either way."""
+    if not on:
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def _run(cfg: TrainConfig, ck: dict[str, Any] | None, out: Path, argv: list[str] | None) -> dict[str, Any]:
     device = _device(cfg.device)
     _maybe_init_distributed(device)
     rank, world = _world()
