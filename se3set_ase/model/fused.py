@@ -45,6 +45,7 @@ from .layers import EquivariantLayerNorm, GatedFFN, IrrepsLinear, RadialMLP
 
 Tensor = torch.Tensor
 Feat = list  # list[Tensor | None], one (B, 2l+1, mul) tensor per block of an Irreps
+RowScale = tuple  # (flat parameter, offset, length, constant factor): see _lin_cols
 
 _CACHE_ATTR = "_fused_cache"
 _META_ATTR = "_fused_meta"
@@ -69,6 +70,7 @@ class _Ctx:
         self.meta = cache.setdefault("meta", {})
         self.frozen = cache.setdefault(("frozen", dtype, str(device)), {})
         self.concats: dict = {}  # this call's concatenated linear inputs, see concat()
+        self.sh_cg: dict = {}  # this call's Y . C per (l1, l2, l3), see _sh_cg()
 
     def concat(self, xs: Sequence, ks: list[int]) -> Tensor:
         """``torch.cat([xs[k] for k in ks], dim=-1)``, made once per call of the network for the
@@ -177,9 +179,9 @@ class _Outer:
 
 
 def _lin_cols(ctx: _Ctx, lin: IrrepsLinear, xs: Sequence[Tensor | None], t: int, c0: int, c1: int,
-              bias0: int | None, row_scale: dict[int, tuple[Tensor, int, int]] | None = None) -> Tensor:
+              bias0: int | None, row_scale: dict[int, RowScale] | None = None) -> Tensor:
     """Columns c0:c1 of type t of ``lin`` applied to its input blocks ``xs`` (list aligned with
-    ``lin.irreps_in``; None = absent). ``row_scale[k] = (flat, off, n)``: ``flat[off:off + n]``
+    ``lin.irreps_in``; None = absent). ``row_scale[k] = (flat, off, n, c)``: ``c * flat[off:off + n]``
     (mul_k,) multiplies the rows of block k (a folded shared tensor-product weight; given as a
     parameter and a range, so the cache key needs no tensor data and the slice is taken only
     when the scaled weight is made).
@@ -205,11 +207,11 @@ def _lin_cols(ctx: _Ctx, lin: IrrepsLinear, xs: Sequence[Tensor | None], t: int,
             parts.append((r0, r1, row_scale.get(k) if row_scale is not None else None))
 
         def make() -> Tensor:
-            ws = [w[r0:r1, c0:c1] * (scale if rs is None else (rs[0][rs[1]:rs[1] + rs[2]] * scale).unsqueeze(1))
+            ws = [w[r0:r1, c0:c1] * (scale if rs is None else (rs[0][rs[1]:rs[1] + rs[2]] * (scale * rs[3])).unsqueeze(1))
                   for r0, r1, rs in parts]
             return ws[0] if len(ws) == 1 else torch.cat(ws, dim=0)
 
-        key = (id(lin), t, c0, c1) + tuple((r0, r1) if rs is None else (r0, r1, id(rs[0]), rs[1], rs[2])
+        key = (id(lin), t, c0, c1) + tuple((r0, r1) if rs is None else (r0, r1, id(rs[0]), rs[1], rs[2], rs[3])
                                            for r0, r1, rs in parts)
         return ctx.frozen_weight(key, (w,) + tuple(rs[0] for _r0, _r1, rs in parts if rs is not None), make)
 
@@ -230,7 +232,7 @@ def _lin_cols(ctx: _Ctx, lin: IrrepsLinear, xs: Sequence[Tensor | None], t: int,
 
 
 def _linear(ctx: _Ctx, lin: IrrepsLinear, xs: Sequence[Tensor | None],
-            row_scale: dict[int, tuple[Tensor, int, int]] | None = None) -> Feat:
+            row_scale: dict[int, RowScale] | None = None) -> Feat:
     """All output blocks of ``lin`` (list aligned with ``lin.irreps_out``)."""
     meta = _lmeta(ctx, lin)
     ref = next(x for x in xs if x is not None)
@@ -284,24 +286,37 @@ class _GateMeta:
 
 
 def _gate_from_linear(ctx: _Ctx, lin: IrrepsLinear, xs: Sequence[Tensor | None], gate, offset: int,
-                      row_scale: dict[int, tuple[Tensor, int, int]] | None = None) -> Feat:
+                      row_scale: dict[int, RowScale] | None = None) -> Feat:
     """Gate(lin(x)) where the gate's input starts at 0e column ``offset`` of ``lin``'s output.
 
     Returns blocks aligned with ``gate.irreps_out`` (scalars, then the gated types)."""
+    return _lead_and_gate(ctx, lin, xs, gate, offset, 0, row_scale)[1]
+
+
+def _lead_and_gate(ctx: _Ctx, lin: IrrepsLinear, xs: Sequence[Tensor | None], gate, offset: int, lead: int,
+                   row_scale: dict[int, RowScale] | None = None) -> tuple[Tensor | None, Feat]:
+    """0e columns ``offset - lead:offset`` of ``lin``'s output (None if ``lead`` is 0) and
+    Gate(lin(x)) as :func:`_gate_from_linear`.
+
+    The 0e columns (lead | gate scalars | gates) are contiguous: one matmul, split afterwards
+    (``torch.split``: its backward is one ``cat``, where separate matmuls would cost one matmul
+    each, forward and backward)."""
     gm = _GateMeta(gate, offset)
     meta = _lmeta(ctx, lin)
     t0 = meta.type_index[o3.Irrep("0e")]
-    bias_on = lin.bias is not None
     # the 0e output of lin is one block (the plain IrrepsLinear puts all 0e columns in one
     # weight); bias index = column index for 0e outputs
-    s = _lin_cols(ctx, lin, xs, t0, gm.scal[0], gm.scal[1], gm.scal[0] if bias_on else None, row_scale)
+    c0, c1 = offset - lead, (gm.gates[-1][1] if gm.gates else gm.scal[1])
+    cols = _lin_cols(ctx, lin, xs, t0, c0, c1, c0 if lin.bias is not None else None, row_scale)
+    sizes = [lead, gm.n_scalars] + [g1 - g0 for g0, g1 in gm.gates]
+    parts = list(torch.split(cols, sizes, dim=-1)) if len(sizes) > 1 else [cols]
+    head, s, gates = parts[0], parts[1], parts[2:]
     out = [gm.act_s(s)]
-    for (mul, ir), (g0, g1) in zip(gm.gated, gm.gates):
-        g = _lin_cols(ctx, lin, xs, t0, g0, g1, g0 if bias_on else None, row_scale)
+    for (mul, ir), g in zip(gm.gated, gates):
         g = gm.act_g(g)  # (B, 1, mul)
         x = _lin_cols(ctx, lin, xs, meta.type_index[ir], *_col_range_of_type(lin, meta, ir), None, row_scale)
         out.append(x * g)
-    return out
+    return (head if lead else None), out
 
 
 def _col_range_of_type(lin: IrrepsLinear, meta: _LinMeta, ir) -> tuple[int, int]:
@@ -333,6 +348,9 @@ class _TPMeta:
             self.paths.append((ins.i_in1, ins.i_in2, ins.i_out, ir1.l, ir2.l, ir3.l,
                                float(ins.path_weight), off, m1, m2))
             off += m1 * m2
+        self.by_in2: dict[int, list[int]] = {}  # attribute block -> the paths that read it
+        for p, path in enumerate(self.paths):
+            self.by_in2.setdefault(path[1], []).append(p)
 
 
 def _tmeta(ctx: _Ctx, tp) -> _TPMeta:
@@ -343,15 +361,26 @@ def _tmeta(ctx: _Ctx, tp) -> _TPMeta:
     return m[1]
 
 
-def _cg_sh(ctx: _Ctx, l1: int, l2: int, l3: int, pw: float) -> Tensor:
-    """pw * C_{ijk} as a (d2, d1*d3) matrix (to contract with a per-edge Y_l2)."""
-    key = ("sh", l1, l2, l3, pw)
+def _cg_sh(ctx: _Ctx, l1: int, l2: int, l3: int) -> Tensor:
+    """C_{ijk} as a (d2, d1*d3) matrix (to contract with a per-edge Y_l2)."""
+    key = ("sh", l1, l2, l3)
     c = ctx.cg.get(key)
     if c is None:
         w = ctx.wigner(l1, l2, l3)
-        c = (w.permute(1, 0, 2).reshape(2 * l2 + 1, (2 * l1 + 1) * (2 * l3 + 1)) * pw).contiguous()
+        c = w.permute(1, 0, 2).reshape(2 * l2 + 1, (2 * l1 + 1) * (2 * l3 + 1)).contiguous()
         ctx.cg[key] = c
     return c
+
+
+def _sh_cg(ctx: _Ctx, y: Tensor, l1: int, l2: int, l3: int) -> Tensor:
+    """S[z, i, k] = sum_j Y_l2[z, j] C_{ijk}, (E, d1, d3): the same for every block and for both
+    products of a V2E attention, so made once per call of the network."""
+    key = (id(y), l1, l2, l3)
+    hit = ctx.sh_cg.get(key)
+    if hit is None:
+        hit = (y, torch.mm(y, _cg_sh(ctx, l1, l2, l3)).view(y.shape[0], 2 * l1 + 1, 2 * l3 + 1))
+        ctx.sh_cg[key] = hit
+    return hit[1]
 
 
 def _cg_pair(ctx: _Ctx, l1: int, l2: int, l3: int, pw: float) -> Tensor:
@@ -365,22 +394,23 @@ def _cg_pair(ctx: _Ctx, l1: int, l2: int, l3: int, pw: float) -> Tensor:
     return c
 
 
-def _tp_sh(ctx: _Ctx, tp, xs: Feat, sh: Feat, edge_w: list[Tensor] | None) -> list[Tensor]:
-    """Depthwise TP x (E, d1, u) with a multiplicity-1 attribute sh (E, d2) per block.
+def _tp_sh(ctx: _Ctx, tp, xs: Feat, sh: Feat, edge_w: Sequence[Tensor] | None) -> list[Tensor]:
+    """Depthwise TP x (E, d1, u) with a multiplicity-1 attribute sh (E, d2) per block, WITHOUT the
+    path weights ``instruction.path_weight``: the caller folds them into ``edge_w`` or into the
+    rows of the next linear map (constants there, one multiplication fewer per edge and path).
 
     Returns one (E, d3, u) tensor per instruction (= per block of tp.irreps_out). With
     ``edge_w`` (per instruction (E, u)) the path is multiplied by it; shared weights are left to
     the caller (folded into the next linear)."""
     meta = _tmeta(ctx, tp)
     out = []
-    for p, (i1, i2, _io, l1, l2, l3, pw, _off, _u, _v) in enumerate(meta.paths):
+    for p, (i1, i2, _io, l1, l2, l3, _pw, _off, _u, _v) in enumerate(meta.paths):
         x = xs[i1]
-        y = sh[i2]  # (E, d2)
-        e = x.shape[0]
+        s = _sh_cg(ctx, sh[i2], l1, l2, l3)  # (E, d1, d3)
         if l1 == 0:
-            # C_{0jk} = delta_jk / sqrt(d): T[z,k,u] = pw/sqrt(d) y[z,k] x[z,0,u]
+            # C_{0jk} = delta_jk / sqrt(d): T[z,k,u] = y[z,k] x[z,0,u] / sqrt(d)
             # (computed through the CG matrix so that it is exactly the e3nn constant)
-            s = torch.mm(y, _cg_sh(ctx, l1, l2, l3, pw)).view(e, 2 * l3 + 1, 1)
+            s = s.view(s.shape[0], 2 * l3 + 1, 1)
             if l3 > 0:
                 # rank-1 in (k, u): keep it factored, the next linear applies W to x first
                 xw = x * edge_w[p].unsqueeze(1) if edge_w is not None else x
@@ -388,7 +418,6 @@ def _tp_sh(ctx: _Ctx, tp, xs: Feat, sh: Feat, edge_w: list[Tensor] | None) -> li
                 continue
             t = s * x
         else:
-            s = torch.mm(y, _cg_sh(ctx, l1, l2, l3, pw)).view(e, 2 * l1 + 1, 2 * l3 + 1)
             # (measured: bmm beats broadcast-multiply + sum here, forward and backward)
             t = torch.bmm(s.transpose(1, 2), x)  # (E, d3, u)
         if edge_w is not None:
@@ -397,18 +426,40 @@ def _tp_sh(ctx: _Ctx, tp, xs: Feat, sh: Feat, edge_w: list[Tensor] | None) -> li
     return out
 
 
+def _path_weight_rows(ctx: _Ctx, meta: _TPMeta) -> Tensor:
+    """(sum of u,) the path weight of each path repeated over its u channels (a constant)."""
+    key = ("pw_rows",) + tuple((p[6], p[8]) for p in meta.paths)
+    c = ctx.cg.get(key)
+    if c is None:
+        c = torch.cat([torch.full((u,), pw, dtype=torch.float64) for (*_a, pw, _off, u, _v) in meta.paths])
+        c = c.to(ctx.dtype).to(ctx.device)
+        ctx.cg[key] = c
+    return c
+
+
 def _tp_shared(ctx: _Ctx, tp, xs: Feat, attr: Feat) -> list[Tensor]:
     """Depthwise TP with shared u x v weights: x (E, d1, u), attr (E, d2, v) per block.
 
     Y = attr @ W^T (contract v first), then T[z,k,u] = pw sum_ij C_ijk x[z,i,u] Y[z,j,u]."""
     meta = _tmeta(ctx, tp)
     wflat = tp.weight
+    ys: list[Tensor] = [None] * len(meta.paths)
+    for i2, ps in meta.by_in2.items():
+        # Y of all paths on attribute block i2 in one matmul: W^T of the paths side by side (v, sum u)
+        parts = [(meta.paths[p][7], meta.paths[p][8], meta.paths[p][9]) for p in ps]
+
+        def make(parts=parts) -> Tensor:
+            ws = [wflat[off:off + u * v].view(u, v).t() for off, u, v in parts]
+            return ws[0] if len(ws) == 1 else torch.cat(ws, dim=1)
+
+        y_all = _mm(attr[i2], ctx.frozen_weight(("tp_shared", id(tp), i2), (wflat,), make))
+        split = torch.split(y_all, [u for _off, u, _v in parts], dim=2) if len(ps) > 1 else (y_all,)
+        for p, y in zip(ps, split):
+            ys[p] = y  # (E, d2, u)
     out = []
-    for (i1, i2, _io, l1, l2, l3, pw, off, u, v) in meta.paths:
+    for (i1, _i2, _io, l1, l2, l3, pw, _off, u, _v), y in zip(meta.paths, ys):
         x = xs[i1]
         e = x.shape[0]
-        w = wflat[off:off + u * v].view(u, v)
-        y = _mm(attr[i2], w.t())  # (E, d2, u)
         d1, d2, d3 = 2 * l1 + 1, 2 * l2 + 1, 2 * l3 + 1
         c = _cg_pair(ctx, l1, l2, l3, pw)  # (d3, d1*d2)
         if l1 == 0:
@@ -439,31 +490,32 @@ def _attention(ctx: _Ctx, att: HyperAttention, x_dst: Feat, x_src: Feat | None, 
         hidden = net[:-1](basis)
         last = net[-1]
         meta1 = _tmeta(ctx, att.tp1)
-        edge_w = []
-        for (_i1, _i2, _io, _l1, _l2, _l3, _pw, off, u, v) in meta1.paths:
-            if v != 1:
-                raise RuntimeError("fused: V2E attribute must have multiplicity 1")
-            edge_w.append(torch.addmm(last.bias[off:off + u], hidden, last.weight[off:off + u].t()))
+        offsets = [0]
+        for *_rest, u, _v in meta1.paths:
+            offsets.append(offsets[-1] + u)
+        if any(v != 1 or off != o for (*_a, off, _u, v), o in zip(meta1.paths, offsets)):
+            raise RuntimeError("fused: V2E attribute must have multiplicity 1, the paths' weights in order")
+        pw = _path_weight_rows(ctx, meta1)  # (sum u,): the radial outputs are the paths' weights in order
+        w = ctx.frozen_weight(("radial_w", id(last)), (last.weight,), lambda: last.weight * pw.unsqueeze(1))
+        b = ctx.frozen_weight(("radial_b", id(last)), (last.bias,), lambda: last.bias * pw)
+        edge_w = torch.split(torch.addmm(b, hidden, w.t()), [u for *_rest, u, _v in meta1.paths], dim=1)
         m = _tp_sh(ctx, att.tp1, msg, attr, edge_w)
     else:
         m = _tp_shared(ctx, att.tp1, msg, attr)
 
     # lin_alpha_value: 0e columns [alpha | gate scalars | gates], then the gated types
     lav = att.lin_alpha_value
-    meta = _lmeta(ctx, lav)
-    t0 = meta.type_index[o3.Irrep("0e")]
-    a = _lin_cols(ctx, lav, m, t0, 0, att.n_alpha, 0 if lav.bias is not None else None).squeeze(1)
-    a = att.act_alpha(a).view(-1, att.num_heads, att.alpha_dot.shape[1])
+    a, g = _lead_and_gate(ctx, lav, m, att.gate, att.n_alpha, att.n_alpha)
+    a = att.act_alpha(a.squeeze(1)).view(-1, att.num_heads, att.alpha_dot.shape[1])
     logits = (a * att.alpha_dot).sum(-1)
     alpha = segment_softmax(logits, dst, num_dst, edge_weight)  # (E, H)
-    g = _gate_from_linear(ctx, lav, m, att.gate, att.n_alpha)
 
     # second tensor product (shared weights) + lin_value2
     if sh_mode:
         t2 = _tp_sh(ctx, att.tp2, g, attr, None)
         meta2 = _tmeta(ctx, att.tp2)
         wflat = att.tp2.weight
-        row_scale = {p: (wflat, off, u) for p, (_a, _b, _c, _l1, _l2, _l3, _pw, off, u, _v)
+        row_scale = {p: (wflat, off, u, pw) for p, (_a, _b, _c, _l1, _l2, _l3, pw, off, u, _v)
                      in enumerate(meta2.paths)}
         v = _linear(ctx, att.lin_value2, t2, row_scale)
     else:
