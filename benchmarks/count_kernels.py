@@ -109,8 +109,15 @@ def main() -> None:
     ap.add_argument("--gemm-threads", type=int, default=0,
                     help="also time one large float32 mm on this many threads and print the lower bound "
                          "on a call's CPU time that the matrix products alone set (0: skip)")
+    ap.add_argument("--cpu-layout", action="store_true",
+                    help="count the CPU's choices of se3set_ase.model.fused (default: the GPU's, e.g. "
+                         "GROUP_SHARED_PRODUCTS, since the counts stand for kernel launches)")
     args = ap.parse_args()
     import ase.io
+
+    import se3set_ase.model.fused as fused
+
+    fused.GROUP_SHARED_PRODUCTS = None if args.cpu_layout else True
 
     atoms = ase.io.read(args.molecule)
     torch.manual_seed(0)

@@ -81,7 +81,7 @@ def test_fused_equals_plain_float64(preset, frag, xyz):
 
 
 @pytest.mark.parametrize("frag,xyz", CASES)
-def test_frozen_weight_cache_follows_the_parameters(frag, xyz):
+def test_frozen_weight_cache_follows_the_parameters(frag, xyz, group):
     """With frozen parameters (as in the calculator) the fused path caches its scaled weights; the
     cached result equals the plain path on repeated calls and after the weights change in place
     (e.g. load_state_dict or an EMA swap), and nothing is cached while they need gradients."""
@@ -137,9 +137,18 @@ def _force_loss_grads(model, hg, fn):
     return loss.detach(), {n: (p.grad.clone() if p.grad is not None else None) for n, p in model.named_parameters()}
 
 
+@pytest.fixture(params=[None, True], ids=["cpu-layout", "grouped"])
+def group(request, monkeypatch):
+    """fused.GROUP_SHARED_PRODUCTS: the CPU's choice (per-path matmuls), and the GPU's (grouped)."""
+    import se3set_ase.model.fused as fused
+
+    monkeypatch.setattr(fused, "GROUP_SHARED_PRODUCTS", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("preset", ["tiny", "small"])
 @pytest.mark.parametrize("frag,xyz", CASES)
-def test_fused_training_gradients(preset, frag, xyz):
+def test_fused_training_gradients(preset, frag, xyz, group):
     """Double backward: parameter gradients of a force loss agree (batch of two molecules)."""
     model, hg = _setup(preset, frag, xyz, torch.float64)
     hg2 = hg.with_positions(hg.positions + 0.02 * torch.randn_like(hg.positions))

@@ -23,6 +23,11 @@ How the pieces map onto the plain modules:
   second products (shared u x v weights): the attribute is first contracted with the weights
   over v (one matmul), then with the CG. Shared weights of a product whose attribute has
   multiplicity 1 are folded into the rows of the following linear map.
+- Fewer, larger matmuls where it costs nothing in layout: the 0e columns a gate reads (and an
+  attention's logits beside them) come from one matmul, split after; the V2E radial weights of
+  all paths from one ``addmm`` (the path weights folded into its rows); ``Y . C`` per (l1, l2, l3)
+  once per call for all blocks. E2V products that share an attribute block share one matmul on
+  GPUs only (``GROUP_SHARED_PRODUCTS``).
 - ``Gate`` (e3nn): the activations are called through the gate's own ``normalize2mom``
   modules, so the constants are the plain ones.
 
@@ -46,6 +51,11 @@ from .layers import EquivariantLayerNorm, GatedFFN, IrrepsLinear, RadialMLP
 Tensor = torch.Tensor
 Feat = list  # list[Tensor | None], one (B, 2l+1, mul) tensor per block of an Irreps
 RowScale = tuple  # (flat parameter, offset, length, constant factor): see _lin_cols
+
+# The E2V products' Y = attr @ W^T of the paths that share an attribute block: one matmul (True),
+# one per path (False), or None: grouped on GPUs (launch-bound: 7 % fewer operations per call),
+# per path on CPUs (arithmetic-bound: the grouped Y are strided views, measured 10 % slower).
+GROUP_SHARED_PRODUCTS: bool | None = None
 
 _CACHE_ATTR = "_fused_cache"
 _META_ATTR = "_fused_meta"
@@ -348,9 +358,11 @@ class _TPMeta:
             self.paths.append((ins.i_in1, ins.i_in2, ins.i_out, ir1.l, ir2.l, ir3.l,
                                float(ins.path_weight), off, m1, m2))
             off += m1 * m2
-        self.by_in2: dict[int, list[int]] = {}  # attribute block -> the paths that read it
+        by_in2: dict[int, list[int]] = {}
         for p, path in enumerate(self.paths):
-            self.by_in2.setdefault(path[1], []).append(p)
+            by_in2.setdefault(path[1], []).append(p)
+        self.by_in2 = list(by_in2.items())  # (attribute block, the paths that read it)
+        self.single = [(path[1], [p]) for p, path in enumerate(self.paths)]
 
 
 def _tmeta(ctx: _Ctx, tp) -> _TPMeta:
@@ -444,15 +456,17 @@ def _tp_shared(ctx: _Ctx, tp, xs: Feat, attr: Feat) -> list[Tensor]:
     meta = _tmeta(ctx, tp)
     wflat = tp.weight
     ys: list[Tensor] = [None] * len(meta.paths)
-    for i2, ps in meta.by_in2.items():
-        # Y of all paths on attribute block i2 in one matmul: W^T of the paths side by side (v, sum u)
+    group = GROUP_SHARED_PRODUCTS if GROUP_SHARED_PRODUCTS is not None else attr[0].device.type != "cpu"
+    for i2, ps in (meta.by_in2 if group else meta.single):
+        # grouped: Y of all paths on attribute block i2 in one matmul, W^T of the paths side by side
+        # (v, sum u); fewer launches on a GPU, but the split Y are strided, slower on a CPU
         parts = [(meta.paths[p][7], meta.paths[p][8], meta.paths[p][9]) for p in ps]
 
         def make(parts=parts) -> Tensor:
             ws = [wflat[off:off + u * v].view(u, v).t() for off, u, v in parts]
             return ws[0] if len(ws) == 1 else torch.cat(ws, dim=1)
 
-        y_all = _mm(attr[i2], ctx.frozen_weight(("tp_shared", id(tp), i2), (wflat,), make))
+        y_all = _mm(attr[i2], ctx.frozen_weight(("tp_shared", id(tp), i2, tuple(ps)), (wflat,), make))
         split = torch.split(y_all, [u for _off, u, _v in parts], dim=2) if len(ps) > 1 else (y_all,)
         for p, y in zip(ps, split):
             ys[p] = y  # (E, d2, u)
