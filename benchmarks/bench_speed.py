@@ -134,6 +134,31 @@ def make_model(preset: str, frag: str, device, dtype=torch.float32, seed: int = 
     return model.to(device)
 
 
+def jittered_graphs(fragmenter, atoms, n: int = 8, scale: float = 0.02, seed: int = 0) -> list:
+    """Hypergraphs of ``n`` copies of ``atoms`` with positions jittered by ``scale`` Å (a training batch)."""
+    rng = np.random.default_rng(seed)
+    graphs = []
+    for _ in range(n):
+        a = atoms.copy()
+        a.positions += rng.normal(scale=scale, size=a.positions.shape)
+        graphs.append(fragmenter(a))
+    return graphs
+
+
+def train_step(model, batch, opt, ef=fused_energy_and_forces):
+    """One training step on ``batch`` as ``fit`` takes it (forces with create_graph, L2 energy +
+    100 x L2 force loss against zero targets, backward, optimizer step), as a closure to time."""
+    f_ref = torch.zeros_like(batch.positions)
+    e_ref = torch.zeros(batch.num_graphs, dtype=f_ref.dtype, device=f_ref.device)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        e, f, _ = ef(model, batch, training=True)
+        ((e - e_ref).pow(2).mean() + 100.0 * (f - f_ref).pow(2).mean()).backward()
+        opt.step()
+    return step
+
+
 def graph_call(graphed, fragmenter, atoms):
     energy, forces, _ = graphed(fragmenter(atoms))
     return float(energy.sum().cpu()), forces.cpu().numpy()
@@ -255,24 +280,11 @@ def main() -> None:
     train_ms: dict[tuple[str, str], float] = {}
     for preset in (["small"] if args.quick else presets):
         model = make_model(preset, "md22", device)
-        fr = Fragmenter(model.config.fragment)
-        rng = np.random.default_rng(0)
-        graphs = []
-        for _ in range(8):
-            a = dha.copy()
-            a.positions += rng.normal(scale=0.02, size=a.positions.shape)
-            graphs.append(fr(a))
+        graphs = jittered_graphs(Fragmenter(model.config.fragment), dha)
         batch = collate(graphs).to(device, torch.float32)
-        f_ref = torch.zeros_like(batch.positions)
-        e_ref = torch.zeros(batch.num_graphs, device=device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
         for path, ef in PATHS.items():
-            def step():
-                opt.zero_grad(set_to_none=True)
-                e, f, _ = ef(model, batch, training=True)
-                loss = (e - e_ref).pow(2).mean() + 100.0 * (f - f_ref).pow(2).mean()
-                loss.backward()
-                opt.step()
+            step = train_step(model, batch, opt, ef)
             slow = preset == "paper" and path == "plain" and device.type == "cpu"
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -285,13 +297,7 @@ def main() -> None:
         # a GPU is launch-bound at batch 8: larger batches cost little more per step
         for bs in (args.train_batches if device.type == "cuda" else []):
             big = collate([graphs[k % 8] for k in range(bs)]).to(device, torch.float32)
-            fb_ref, eb_ref = torch.zeros_like(big.positions), torch.zeros(big.num_graphs, device=device)
-
-            def big_step():
-                opt.zero_grad(set_to_none=True)
-                e, f, _ = fused_energy_and_forces(model, big, training=True)
-                ((e - eb_ref).pow(2).mean() + 100.0 * (f - fb_ref).pow(2).mean()).backward()
-                opt.step()
+            big_step = train_step(model, big, opt)
             torch.cuda.reset_peak_memory_stats(device)
             ms = timeit(big_step, device, 2 if args.quick else 5, warmup=1, budget_s=60.0)
             train_ms[(preset, f"fused b{bs}")] = ms

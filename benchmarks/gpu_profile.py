@@ -23,11 +23,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_speed import make_model, molecules, sync, timeit  # noqa: E402
+from bench_speed import jittered_graphs, make_model, molecules, sync, timeit, train_step  # noqa: E402
 
 from se3set_ase.fragment import Fragmenter  # noqa: E402
 from se3set_ase.hypergraph import collate  # noqa: E402
@@ -137,23 +136,11 @@ def main() -> None:
     if "train" in sections:
         print("\n## training step, paper preset, fused path: forces with create_graph, loss backward, AdamW", flush=True)
         model = make_model("paper", "md22", device)
-        fr = Fragmenter(model.config.fragment)
-        rng = np.random.default_rng(0)
-        graphs = []
-        for _ in range(8):
-            a = dha.copy()
-            a.positions += rng.normal(scale=0.02, size=a.positions.shape)
-            graphs.append(fr(a))
+        graphs = jittered_graphs(Fragmenter(model.config.fragment), dha)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
         for bs in [int(b) for b in args.batches.split(",")]:
             batch = collate([graphs[k % 8] for k in range(bs)]).to(device, torch.float32)
-            f0, e0 = torch.zeros_like(batch.positions), torch.zeros(batch.num_graphs, device=device)
-
-            def step():
-                opt.zero_grad(set_to_none=True)
-                e, f, _ = fused_energy_and_forces(model, batch, training=True)
-                ((e - e0).pow(2).mean() + 100.0 * (f - f0).pow(2).mean()).backward()
-                opt.step()
+            step = train_step(model, batch, opt)
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
             try:

@@ -331,21 +331,13 @@ def test_cuda_compiled_graph_replay_matches_eager_across_token_lists(tmp_path):
     gives the eager float32 numbers along geometries whose implicit cross-token lists differ (no
     skin): one compilation, one capture per token list; without CUDA graphs the compiled graph is
     called directly, same numbers."""
-    import ase.io
-
-    from pathlib import Path
-
     path = save_model(randomised(preset="md22", num_blocks=1), tmp_path / "m.pt", dtype=torch.float64)
     eager = SE3SetCalculator(path, device="cuda", cuda_graph=False, skin=0.0)
     replayed = SE3SetCalculator(path, device="cuda", compile=True, skin=0.0)
     direct = SE3SetCalculator(path, device="cuda", compile=True, cuda_graph=False, skin=0.0)
     assert replayed.graphed.compiled is replayed.compiled
-    atoms = ase.io.read(Path(__file__).parent / "data" / "dha.xyz")
-    rng = np.random.default_rng(0)
     token_counts = set()
-    for _ in range(3):
-        a = atoms.copy()
-        a.positions += rng.normal(scale=0.06, size=a.positions.shape)
+    for a in _jittered_dha():
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)  # no fallback
             f_r, f_d = replayed.get_forces(a), direct.get_forces(a)
@@ -437,20 +429,27 @@ def test_compiled_energy_and_forces_match_eager_across_token_lists(threads):
     assert not torch.are_deterministic_algorithms_enabled()  # the setting was restored
 
 
-def _check_compiled_against_eager(finite_differences: bool):
+def _jittered_dha(n: int = 3, scale: float = 0.06, seed: int = 0):
+    """``n`` copies of DHA (tests/data) with positions jittered by ``scale`` Å: MD-like geometries
+    whose implicit cross-token lists differ (without a skin, each needs its own token list)."""
     import ase.io
 
     from pathlib import Path
 
+    atoms = ase.io.read(Path(__file__).parent / "data" / "dha.xyz")
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        a = atoms.copy()
+        a.positions += rng.normal(scale=scale, size=a.positions.shape)
+        yield a
+
+
+def _check_compiled_against_eager(finite_differences: bool):
     model = randomised(preset="md22", num_blocks=1)
     eager = SE3SetCalculator(model, device="cpu", skin=0.0)
     compiled = SE3SetCalculator(model, device="cpu", compile=True, skin=0.0)
-    atoms = ase.io.read(Path(__file__).parent / "data" / "dha.xyz")
-    rng = np.random.default_rng(0)
     token_counts = set()
-    for _ in range(3):
-        a = atoms.copy()
-        a.positions += rng.normal(scale=0.06, size=a.positions.shape)
+    for a in _jittered_dha():
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)  # no fallback to eager
             f_c, e_c = compiled.get_forces(a), compiled.get_potential_energy(a)

@@ -2,7 +2,6 @@
 import numpy as np
 import pytest
 
-from se3set_ase.data.errors import DataError
 from se3set_ase.data.systems import BUCKYCATCHER_SMILES, build_system
 
 

@@ -46,7 +46,7 @@ from e3nn import o3
 
 from ..hypergraph import Hypergraph, has_switched_tokens, token_weights
 from .attention import HyperAttention, segment_softmax
-from .layers import EquivariantLayerNorm, GatedFFN, IrrepsLinear, RadialMLP
+from .layers import EquivariantLayerNorm, GatedFFN, IrrepsLinear
 
 Tensor = torch.Tensor
 Feat = list  # list[Tensor | None], one (B, 2l+1, mul) tensor per block of an Irreps
@@ -474,7 +474,7 @@ def _tp_shared(ctx: _Ctx, tp, xs: Feat, attr: Feat) -> list[Tensor]:
     for (i1, _i2, _io, l1, l2, l3, pw, _off, u, _v), y in zip(meta.paths, ys):
         x = xs[i1]
         e = x.shape[0]
-        d1, d2, d3 = 2 * l1 + 1, 2 * l2 + 1, 2 * l3 + 1
+        d1, d2 = 2 * l1 + 1, 2 * l2 + 1
         c = _cg_pair(ctx, l1, l2, l3, pw)  # (d3, d1*d2)
         if l1 == 0:
             # T = x[:,0,u] * (C0^T Y): (d3, d2) @ (E, d2, u)
