@@ -5,9 +5,12 @@
 # wheels in .whl/ and the data in .gpu/data/, made here with (both folders in .git/info/exclude):
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 -d .whl rdkit==2026.9.1 ase==3.29.0
-#   mkdir -p .gpu/data && cp ../shared/data/md17/aspirin.extxyz .gpu/data/
-#   python -c "import ase.io; ase.io.write('.gpu/data/stachyose0.extxyz',
-#       ase.io.read('../shared/data/gfn2/stachyose.extxyz', index=0))"
+#   mkdir -p .gpu/data && xz -9c ../shared/data/md17/aspirin.extxyz > .gpu/data/aspirin.extxyz.xz
+#   xz -9c ../shared/data/gfn2/DHA.extxyz > .gpu/data/DHA.extxyz.xz      # for PAPER=dha
+#   head -n 89 ../shared/data/gfn2/stachyose.extxyz > .gpu/data/stachyose0.extxyz   # its first frame
+# What travels is limited to 64 MiB (tracked files + carried folders): the repository is ~30 MB, so
+# rdkit's wheel (32 MB) goes slimmed, without rdkit/Contrib and test data (25 MB; se3set_ase uses
+# neither): rewrite the zip without the members under those two folders (python's zipfile).
 # Each step has its own time limit so that a slow one cannot starve the rest. A session has 15
 # minutes of device time, a machine's start takes 1-2 of them: the default steps fit in one call
 # with timeout_s=600.
@@ -17,11 +20,17 @@
 #   3. gpu_profile.py --sections compile: the compiled + CUDA-graph path, small preset (~2.5 min)
 #   4. with BENCH=1: bench_speed.py --device cuda (all molecules, plain vs fused vs CUDA graph)
 #   5. with FIT=1: fit on CUDA (aspirin, small preset): a run cut by --max-time, then --resume on CUDA
-# TESTS="tests/x.py ..." picks the test files of step 1.
+#   6. with PAPER=aspirin or PAPER=dha: the paper preset trained on the H100 for PAPER_S seconds
+#      (default 420) on the shipped model's split (md17_aspirin: 800/50/50; gfn2_dha: 1800/100/100,
+#      blocks of 20; seed 0), batch 32, cosine over PAPER_EPOCHS (default 24 aspirin, 10 dha): the
+#      model file comes back in 15 MB parts ($OUT/<name>_paper.pt.part-*; `cat` them together),
+#      with the log. A paper checkpoint (weights + EMA + Adam moments, ~100 MB) cannot come back
+#      through $OUT, so the run must end inside the call. Needs .gpu/data/DHA.extxyz for dha.
+# TESTS="tests/x.py ..." picks the test files of step 1; TESTS_S=0 skips step 1, COMPILE_S=0 step 3.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
-if [ -d .whl ]; then
+if [ -d .whl ] && [ -z "${NO_WHL:-}" ]; then   # NO_WHL=1: use the installed ase/rdkit
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH=/tmp/site:$PWD || exit 1
 fi
@@ -29,7 +38,7 @@ PY=${PY:-python3}
 export PYTHONUNBUFFERED=1
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 $PY -m se3set_ase.cli info > "$OUT/info.txt" 2>&1
-timeout 330 $PY -m pytest -q -rs -p no:cacheprovider -n 16 ${TESTS:-tests} \
+[ "${TESTS_S:-330}" != 0 ] && timeout "${TESTS_S:-330}" $PY -m pytest -q -rs -p no:cacheprovider -n 16 ${TESTS:-tests} \
     > "$OUT/tests_cuda.txt" 2>&1; grep -v Warning "$OUT/tests_cuda.txt" | tail -5
 # after the tests: the model-card tests would see the shared stachyose file changed
 if [ -f .gpu/data/stachyose0.extxyz ] && [ ! -f /work/shared/data/gfn2/stachyose.extxyz ]; then
@@ -37,16 +46,31 @@ if [ -f .gpu/data/stachyose0.extxyz ] && [ ! -f /work/shared/data/gfn2/stachyose
 fi   # bench_speed.py reads stachyose from the shared data path
 [ -n "${PROFILE:-}" ] && timeout 100 $PY benchmarks/gpu_profile.py --sections profile,tf32,train --batches 8,32 2>&1 \
     | grep -v USDT | tee "$OUT/gpu_profile.txt"
-timeout 200 $PY benchmarks/gpu_profile.py --sections compile --presets small 2>&1 | grep -v USDT \
+[ "${COMPILE_S:-200}" != 0 ] && timeout "${COMPILE_S:-200}" $PY benchmarks/gpu_profile.py --sections compile --presets small 2>&1 | grep -v USDT \
     | tee "$OUT/gpu_compile.txt"
 [ -n "${BENCH:-}" ] && timeout 190 $PY benchmarks/bench_speed.py --device cuda 2>&1 | tee "$OUT/bench_speed_cuda.txt"
-[ -z "${FIT:-}" ] && exit 0
 export SE3SET_CACHE_DIR=/tmp/h5cache
 DATA=${DATA:-.gpu/data}
-FIT=(fit "$DATA/aspirin.extxyz" --preset small --train-size 800 --valid-size 50 --test-size 50 --batch-size 4
+if [ -n "${PAPER:-}" ]; then
+    case $PAPER in
+        aspirin) NAME=md17_aspirin; SPLIT=(--train-size 800 --valid-size 50 --test-size 50); EP=24
+                 PDATA=$(ls "$DATA"/aspirin.extxyz* | head -1) ;;
+        dha) NAME=gfn2_dha; SPLIT=(--train-size 1800 --valid-size 100 --test-size 100 --split-block 20); EP=10
+             PDATA=$(ls "$DATA"/DHA.extxyz* | head -1) ;;
+        *) echo "PAPER must be aspirin or dha"; exit 2 ;;
+    esac
+    PS=${PAPER_S:-420}
+    { date +%T; timeout $((PS + ${PAPER_GRACE_S:-90})) $PY -m se3set_ase.cli fit "$PDATA" --preset paper "${SPLIT[@]}" --batch-size 32 \
+          --epochs "${PAPER_EPOCHS:-$EP}" --lr 2e-3 --warmup-steps 50 --seed 0 --device "${DEVICE:-cuda}" --out-dir /tmp/runs/paper \
+          -o "/tmp/${NAME}_paper.pt" --max-time "${PS}s" --no-progress; date +%T; } 2>&1 | tee "$OUT/fit_paper.txt" | tail -25
+    split -b 15M "/tmp/${NAME}_paper.pt" "$OUT/${NAME}_paper.pt.part-"
+    cp /tmp/runs/paper/log.csv "$OUT/fit_paper_log.csv" 2>/dev/null
+fi
+[ -z "${FIT:-}" ] && exit 0
+FIT=(fit "$(ls "$DATA"/aspirin.extxyz* | head -1)" --preset small --train-size 800 --valid-size 50 --test-size 50 --batch-size 4
      --epochs 300 --lr 2e-3 --warmup-steps 100 --seed 0 --device cuda --out-dir /tmp/runs/aspirin_cuda
      -o "$OUT/md17_aspirin_cuda.pt" --no-progress)
 { date +%T; timeout 110 $PY -m se3set_ase.cli "${FIT[@]}" --max-time 75s; date +%T
-  timeout 80 $PY -m se3set_ase.cli fit "$DATA/aspirin.extxyz" --out-dir /tmp/runs/aspirin_cuda --resume \
+  timeout 80 $PY -m se3set_ase.cli fit "$(ls "$DATA"/aspirin.extxyz* | head -1)" --out-dir /tmp/runs/aspirin_cuda --resume \
       --device cuda --max-time 130s --no-progress -o "$OUT/md17_aspirin_cuda.pt"; date +%T
   cp /tmp/runs/aspirin_cuda/*.csv "$OUT/" 2>/dev/null; } 2>&1 | tee "$OUT/fit_cuda.txt" | tail -40
