@@ -158,6 +158,9 @@ def test_cli_resume_keeps_plan_and_honours_output(data_file, tmp_path, caplog):
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert (tmp_path / "second.pt").is_file() and load_model(tmp_path / "second.pt") is not None
+    # --deterministic was saved with the run, kept by --resume, and switched off again after each fit
+    assert torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)["train_config"]["deterministic"] is True
+    assert not torch.are_deterministic_algorithms_enabled()
 
 
 @pytest.mark.parametrize("kill_step", [6, 8])  # mid-epoch, and right after an epoch's last step
