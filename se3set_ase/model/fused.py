@@ -53,7 +53,7 @@ Feat = list  # list[Tensor | None], one (B, 2l+1, mul) tensor per block of an Ir
 RowScale = tuple  # (flat parameter, offset, length, constant factor): see _lin_cols
 
 # The E2V products' Y = attr @ W^T of the paths that share an attribute block: one matmul (True),
-# one per path (False), or None: grouped on GPUs (launch-bound: 7 % fewer operations per call),
+# one per path (False), or None: grouped on GPUs (launch-bound: 4 % fewer operations per call),
 # per path on CPUs (arithmetic-bound: the grouped Y are strided views, measured 10 % slower).
 GROUP_SHARED_PRODUCTS: bool | None = None
 
