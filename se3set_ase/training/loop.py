@@ -390,6 +390,9 @@ def _determinism(on: bool):
 
 def _run(cfg: TrainConfig, ck: dict[str, Any] | None, out: Path, argv: list[str] | None) -> dict[str, Any]:
     device = _device(cfg.device)
+    if ck is not None and device.type == "cuda" and not cfg.deterministic:
+        log.info("resuming on CUDA without --deterministic: the continuation equals an unbroken run up to the "
+                 "order of CUDA's atomic sums (last bits); give --deterministic from the start for bit-for-bit")
     _maybe_init_distributed(device)
     rank, world = _world()
     dtype = _dtype(cfg.dtype)
