@@ -22,7 +22,8 @@
 #   5. with FIT=1: fit on CUDA (aspirin, small preset): a run cut by --max-time, then --resume on CUDA
 #   6. with PAPER=aspirin or PAPER=dha: the paper preset trained on the H100 for PAPER_S seconds
 #      (default 420) on the shipped model's split (md17_aspirin: 800/50/50; gfn2_dha: 1800/100/100,
-#      blocks of 20; seed 0), batch 32, cosine over PAPER_EPOCHS (default 24 aspirin, 10 dha): the
+#      blocks of 20; seed 0), batch 32, lr PAPER_LR (default 5e-3: benchmarks/results/lr_experiment_*),
+#      cosine over PAPER_EPOCHS (default 24 aspirin, 10 dha): the
 #      model file comes back in 15 MB parts ($OUT/<name>_paper.pt.part-*; `cat` them together),
 #      with the log. A paper checkpoint (weights + EMA + Adam moments, ~100 MB) cannot come back
 #      through $OUT, so the run must end inside the call. Needs .gpu/data/DHA.extxyz for dha.
@@ -61,7 +62,7 @@ if [ -n "${PAPER:-}" ]; then
     esac
     PS=${PAPER_S:-420}
     { date +%T; timeout $((PS + ${PAPER_GRACE_S:-90})) $PY -m se3set_ase.cli fit "$PDATA" --preset paper "${SPLIT[@]}" --batch-size 32 \
-          --epochs "${PAPER_EPOCHS:-$EP}" --lr 2e-3 --warmup-steps 50 --seed 0 --device "${DEVICE:-cuda}" --out-dir /tmp/runs/paper \
+          --epochs "${PAPER_EPOCHS:-$EP}" --lr "${PAPER_LR:-5e-3}" --warmup-steps 50 --seed 0 --device "${DEVICE:-cuda}" --out-dir /tmp/runs/paper \
           -o "/tmp/${NAME}_paper.pt" --max-time "${PS}s" --no-progress; date +%T; } 2>&1 | tee "$OUT/fit_paper.txt" | tail -25
     split -b 15M "/tmp/${NAME}_paper.pt" "$OUT/${NAME}_paper.pt.part-"
     cp /tmp/runs/paper/log.csv "$OUT/fit_paper_log.csv" 2>/dev/null
