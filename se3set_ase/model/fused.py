@@ -363,6 +363,12 @@ class _TPMeta:
             by_in2.setdefault(path[1], []).append(p)
         self.by_in2 = list(by_in2.items())  # (attribute block, the paths that read it)
         self.single = [(path[1], [p]) for p, path in enumerate(self.paths)]
+        # V2E: multiplicity-1 attribute, each path's u weights right after the previous path's
+        # (then one matmul of the radial MLP's last layer gives all paths' edge weights in order)
+        starts = [0]
+        for path in self.paths:
+            starts.append(starts[-1] + path[8])
+        self.radial_rows_in_order = all(path[9] == 1 and path[7] == o for path, o in zip(self.paths, starts))
 
 
 def _tmeta(ctx: _Ctx, tp) -> _TPMeta:
@@ -504,10 +510,7 @@ def _attention(ctx: _Ctx, att: HyperAttention, x_dst: Feat, x_src: Feat | None, 
         hidden = net[:-1](basis)
         last = net[-1]
         meta1 = _tmeta(ctx, att.tp1)
-        offsets = [0]
-        for *_rest, u, _v in meta1.paths:
-            offsets.append(offsets[-1] + u)
-        if any(v != 1 or off != o for (*_a, off, _u, v), o in zip(meta1.paths, offsets)):
+        if not meta1.radial_rows_in_order:
             raise RuntimeError("fused: V2E attribute must have multiplicity 1, the paths' weights in order")
         pw = _path_weight_rows(ctx, meta1)  # (sum u,): the radial outputs are the paths' weights in order
         w = ctx.frozen_weight(("radial_w", id(last)), (last.weight,), lambda: last.weight * pw.unsqueeze(1))
