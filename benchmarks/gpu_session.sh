@@ -62,10 +62,10 @@ if [ -n "${PAPER:-}" ]; then
     esac
     PS=${PAPER_S:-420}
     { date +%T; timeout $((PS + ${PAPER_GRACE_S:-90})) $PY -m se3set_ase.cli fit "$PDATA" --preset paper "${SPLIT[@]}" --batch-size 32 \
-          --epochs "${PAPER_EPOCHS:-$EP}" --lr "${PAPER_LR:-5e-3}" --warmup-steps 50 --seed 0 --device "${DEVICE:-cuda}" --out-dir /tmp/runs/paper \
+          --epochs "${PAPER_EPOCHS:-$EP}" --lr "${PAPER_LR:-5e-3}" --warmup-steps 50 --seed 0 --device "${DEVICE:-cuda}" --out-dir "/tmp/runs/${NAME}_paper" \
           -o "/tmp/${NAME}_paper.pt" --max-time "${PS}s" --no-progress; date +%T; } 2>&1 | tee "$OUT/fit_paper.txt" | tail -25
     split -b 15M "/tmp/${NAME}_paper.pt" "$OUT/${NAME}_paper.pt.part-"
-    cp /tmp/runs/paper/log.csv "$OUT/fit_paper_log.csv" 2>/dev/null
+    cp "/tmp/runs/${NAME}_paper/log.csv" "$OUT/fit_paper_log.csv" 2>/dev/null
 fi
 [ -z "${FIT:-}" ] && exit 0
 FIT=(fit "$(ls "$DATA"/aspirin.extxyz* | head -1)" --preset small --train-size 800 --valid-size 50 --test-size 50 --batch-size 4
