@@ -571,9 +571,28 @@ PRESET_NOTE = {
     "small": "- why `small`: the budget is one CPU core for at most 90 min (MD17) or 3 h (MD22 systems) per "
              "model, and on such a core a `paper`-preset energy+force call costs 3.2-4.3x a `small` one "
              "(`benchmarks/bench_speed.py`, table in `benchmarks/README.md`), so in the same time the paper "
-             "preset would see about a quarter of the training epochs. The paper preset was not trained for "
-             "this model (no GPU was lent); it is the one to try with a GPU.",
+             "preset would see about a quarter of the training epochs.",
 }
+# the paper preset trained on a lent H100 (benchmarks/gpu_paper_pair.sh; benchmarks/README.md, "Fourth H100
+# session"): model name -> (test F MAE meV/Å, what ran, results file)
+PAPER_TRIED = {
+    "md17_aspirin": (55.1, "18 epochs, 450 steps of batch 32 in 283 s",
+                     "benchmarks/results/fit_paper_md17_aspirin_h100_2026-11-26.txt"),
+    "gfn2_dha": (49.5, "7 epochs, 399 steps of batch 32 in ~270 s",
+                 "benchmarks/results/fit_paper_gfn2_dha_h100_2026-11-26.txt"),
+}
+
+
+def paper_note(name: str, preset: str) -> str:
+    """Card line on the paper preset: tried on a GPU (with its result) or still to try."""
+    if preset == "paper":
+        return ""
+    if name in PAPER_TRIED:
+        mae, what, path = PAPER_TRIED[name]
+        return (f"- the `paper` preset was trained on an H100 for this split in one 15-minute GPU lease ({what}, "
+                f"`{path}`): test force MAE {mae} meV/Å, worse than this model, so not shipped (it was still "
+                "improving when it stopped: a lease holds ~400 optimizer steps).")
+    return "- the `paper` preset was not trained for this model (no GPU time for it); it is the one to try with a GPU."
 
 
 def resume_lines(t: dict) -> list[str]:
@@ -615,6 +634,7 @@ def render_card(c: dict) -> str:
         f"- file `{c['model']['file']}` (sha256 `{c['model']['sha256'][:16]}…`), elements {', '.join(c['model']['elements'])}",
         f"- preset `{t['preset']}`, {_fmt_int(t['parameters'])} parameters",
         *([PRESET_NOTE[t["preset"]]] if t["preset"] in PRESET_NOTE else []),
+        *([paper_note(c["name"], t["preset"])] if paper_note(c["name"], t["preset"]) else []),
         f"- usage: `SE3SetCalculator(\"{c['model']['file']}\")` (eV, Å, eV/Å)", "",
         "## Training data", "",
         f"- file `{d['path']}` (sha256 `{d['sha256'][:16]}…`), {d['n_frames']} frames of {d['formula']} ({d['n_atoms']} atoms)",
