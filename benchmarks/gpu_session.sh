@@ -17,7 +17,8 @@
 #   1. the whole test suite with CUDA present (-n 16, ~280 s on the H100: calculator CUDA float32 vs
 #      CPU float64, CUDA graphs, compile=True on CUDA, deterministic resume on CUDA, ...)
 #   2. with PROFILE=1: gpu_profile.py: kernels and GPU time per call, TF32, training samples/s
-#   3. gpu_profile.py --sections compile: the compiled + CUDA-graph path, small preset (~2.5 min)
+#   3. gpu_profile.py --sections compile: the compiled + CUDA-graph path, small preset (~2.5 min;
+#      COMPILE_PRESETS=paper COMPILE_S=420 for the paper preset, whose compile takes ~3.7 min)
 #   4. with BENCH=1: bench_speed.py --device cuda (all molecules, plain vs fused vs CUDA graph)
 #   5. with FIT=1: fit on CUDA (aspirin, small preset): a run cut by --max-time, then --resume on CUDA
 #   6. with PAPER=aspirin or PAPER=dha: the paper preset trained on the H100 for PAPER_S seconds
@@ -47,7 +48,7 @@ if [ -f .gpu/data/stachyose0.extxyz ] && [ ! -f /work/shared/data/gfn2/stachyose
 fi   # bench_speed.py reads stachyose from the shared data path
 [ -n "${PROFILE:-}" ] && timeout 100 $PY benchmarks/gpu_profile.py --sections profile,tf32,train --batches 8,32 2>&1 \
     | grep -v USDT | tee "$OUT/gpu_profile.txt"
-[ "${COMPILE_S:-200}" != 0 ] && timeout "${COMPILE_S:-200}" $PY benchmarks/gpu_profile.py --sections compile --presets small 2>&1 | grep -v USDT \
+[ "${COMPILE_S:-200}" != 0 ] && timeout "${COMPILE_S:-200}" $PY benchmarks/gpu_profile.py --sections compile --presets "${COMPILE_PRESETS:-small}" 2>&1 | grep -v USDT \
     | tee "$OUT/gpu_compile.txt"
 [ -n "${BENCH:-}" ] && timeout 190 $PY benchmarks/bench_speed.py --device cuda 2>&1 | tee "$OUT/bench_speed_cuda.txt"
 export SE3SET_CACHE_DIR=/tmp/h5cache
