@@ -209,7 +209,8 @@ def main() -> None:
                     help="CPU: also time the calculator's compile=True path (TorchInductor; minutes of "
                          "compiling per molecule and preset, reported)")
     ap.add_argument("--train-batches", default="32,64", type=lambda t: [int(b) for b in t.split(",") if b],
-                    help="CUDA only: batch sizes of DHA copies for the samples/s sweep (default 32,64; 128 ran out of memory on an 80 GB H100)")
+                    help="CUDA only: batch sizes of DHA copies for the samples/s sweep (default 32,64; "
+                         "128 ran out of memory on an 80 GB H100)")
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -634,7 +634,7 @@ def render_card(c: dict) -> str:
         f"- file `{c['model']['file']}` (sha256 `{c['model']['sha256'][:16]}…`), elements {', '.join(c['model']['elements'])}",
         f"- preset `{t['preset']}`, {_fmt_int(t['parameters'])} parameters",
         *([PRESET_NOTE[t["preset"]]] if t["preset"] in PRESET_NOTE else []),
-        *([paper_note(c["name"], t["preset"])] if paper_note(c["name"], t["preset"]) else []),
+        *([note] if (note := paper_note(c["name"], t["preset"])) else []),
         f"- usage: `SE3SetCalculator(\"{c['model']['file']}\")` (eV, Å, eV/Å)", "",
         "## Training data", "",
         f"- file `{d['path']}` (sha256 `{d['sha256'][:16]}…`), {d['n_frames']} frames of {d['formula']} ({d['n_atoms']} atoms)",
