@@ -190,3 +190,57 @@ def test_help_names_every_builtin_system():
     text = re.sub(r"-\s+", "-", " ".join(p.format_help().split()))  # argparse wraps after '-'
     missing = [n for n in builtin_names() if n not in text]
     assert not missing, missing
+
+
+# ------------------------------------------------------------------ --driver mmff
+def test_mmff_calculator_forces_are_minus_gradient():
+    from se3set_ase.data.mmff import MMFFCalculator, mmff_molecule
+
+    atoms, _ = build_system("ethanol")
+    atoms.positions += np.random.default_rng(0).normal(scale=0.05, size=atoms.positions.shape)
+    atoms.calc = MMFFCalculator(mmff_molecule(atoms.numbers, atoms.positions))
+    f = atoms.get_forces()
+    h = 1e-4
+    for i, k in [(0, 0), (2, 1), (5, 2), (8, 0)]:
+        p = atoms.positions.copy()
+        p[i, k] += h
+        ep = atoms.calc.get_potential_energy(atoms.__class__(atoms.numbers, p))
+        p[i, k] -= 2 * h
+        em = atoms.calc.get_potential_energy(atoms.__class__(atoms.numbers, p))
+        assert -(ep - em) / (2 * h) == pytest.approx(f[i, k], abs=1e-5)
+
+
+def test_mmff_molecule_rejects_an_impossible_structure():
+    from se3set_ase.data.mmff import mmff_molecule
+
+    # a carbon with seven hydrogens around it: no bond orders make that a molecule
+    pos = np.array([[0, 0, 0]] + [[np.cos(a), np.sin(a), 0.3 * (-1) ** k] for k, a in
+                                  enumerate(np.linspace(0, 2 * np.pi, 8)[:7])], dtype=float)
+    with pytest.raises(DataError, match="RDKit could not assign bonds|MMFF94 has no parameters"):
+        mmff_molecule([6] + [1] * 7, pos, what="CH7")
+
+
+def test_mmff_driver_frames_are_gfn2_labelled_and_resume_exactly(tmp_path):
+    pytest.importorskip("tblite.ase")
+    from tblite.ase import TBLite
+
+    full, part = tmp_path / "full.extxyz", tmp_path / "part.extxyz"
+    sample("CCO", full, 4, driver="mmff", **FAST)
+    frames = read_frames(full)
+    assert len(frames) == 4
+    assert frames[0].info["md_driver"] == "MMFF94 (RDKit)" and frames[0].info["method"] == "GFN2-xTB"
+    for fr in frames[::3]:  # the labels are a fresh GFN2-xTB SCF on the written geometry
+        a = fr.to_atoms()
+        a.calc = TBLite(method="GFN2-xTB", verbosity=0)
+        np.testing.assert_allclose(a.get_forces(), fr.forces, atol=1e-6)
+    # MMFF dynamics is deterministic: a cut run continues bit for bit
+    sample("CCO", part, 2, driver="mmff", **FAST)
+    sample("CCO", part, 4, driver="mmff", **FAST)
+    for x, y in zip(frames, read_frames(part)):
+        np.testing.assert_array_equal(x.positions, y.positions)
+        np.testing.assert_allclose(x.forces, y.forces, atol=1e-6)
+    # the driver is part of the settings: continuing with the GFN2-xTB driver is refused
+    with pytest.raises(DataError, match="other settings"):
+        sample("CCO", part, 5, **FAST)
+    with pytest.raises(DataError, match="cannot be combined"):
+        sample("CCO", tmp_path / "x.extxyz", 1, driver="mmff", fresh_labels=False, **FAST)

@@ -9,6 +9,11 @@ Each frame is appended to the extxyz as soon as it is made (flushed), and a smal
 `<out>.state.npz` (positions, momenta, Langevin RNG state, step, frames written, byte offset) is
 replaced atomically after it; re-running the same command continues the same trajectory up to
 `frames`. The run stops with a clear message when the bond topology changes or forces explode.
+
+``driver="mmff"`` (``--driver mmff``) moves the atoms with MMFF94 (RDKit, :mod:`.mmff`) instead
+of GFN2-xTB and runs GFN2-xTB only on the written frames: one SCF per frame instead of one per
+MD step, for systems where GFN2-xTB dynamics is too slow. The geometries are then an MMFF94
+ensemble at T (the labels are GFN2-xTB's all the same); every frame records ``md_driver``.
 """
 from __future__ import annotations
 
@@ -139,7 +144,7 @@ def _load_state(path: Path) -> dict:
 def sample(system: str, out, frames: int, temperature: float = 500.0, dt_fs: float = 0.5,
            every: int = 20, equil_steps: int = 4000, friction_per_fs: float = 0.01, seed: int = 1234,
            charge: int = 0, progress: bool = True, max_force: float = 50.0,
-           fresh_labels: bool = True) -> Path:
+           fresh_labels: bool = True, driver: str = "gfn2") -> Path:
     """Write `frames` GFN2-xTB frames of `system` (SMILES, structure file or built-in name) to
     the extxyz `out`, resuming a previous run of the same command. Returns the output path.
 
@@ -149,7 +154,10 @@ def sample(system: str, out, frames: int, temperature: float = 500.0, dt_fs: flo
     fresh_labels=True: each frame's energy/forces come from a new SCF on the written geometry
     (equal to any later GFN2-xTB call to ~1e-8 eV/Å). False: the MD calculator's own results,
     as make_gfn2.py stores them (bitwise identical to its files; they differ from a fresh SCF by
-    ~1e-4 eV/Å because tblite restarts the SCF from the previous step)."""
+    ~1e-4 eV/Å because tblite restarts the SCF from the previous step).
+
+    driver: "gfn2" (GFN2-xTB Langevin dynamics) or "mmff" (MMFF94 dynamics, GFN2-xTB labels of
+    the written frames only; needs fresh_labels)."""
     TBLite = _require_tblite()
     from ase import Atoms, units
     from ase.calculators.singlepoint import SinglePointCalculator
@@ -164,11 +172,18 @@ def sample(system: str, out, frames: int, temperature: float = 500.0, dt_fs: flo
     if frames < 0 or every < 1 or equil_steps < 0 or dt_fs <= 0 or temperature < 0:
         raise DataError(f"invalid sampling arguments: frames={frames}, every={every}, "
                         f"equil_steps={equil_steps}, dt_fs={dt_fs}, temperature={temperature}")
+    if driver not in ("gfn2", "mmff"):
+        raise DataError(f"driver must be 'gfn2' or 'mmff', not {driver!r}")
+    if driver == "mmff" and not fresh_labels:
+        raise DataError("--md-labels stores the MD calculator's results, which with --driver mmff "
+                        "are MMFF94's, not GFN2-xTB's: the two cannot be combined")
     out = Path(out)
     state_path = out.with_name(out.name + STATE_SUFFIX)
     params = dict(system=str(system), temperature_K=float(temperature), dt_fs=float(dt_fs),
                   every=every, equil_steps=equil_steps, friction_per_fs=float(friction_per_fs),
                   seed=int(seed), charge=int(charge), fresh_labels=bool(fresh_labels))
+    if driver != "gfn2":  # (absent for gfn2: states written before the option stay valid)
+        params["driver"] = driver
 
     rng = np.random.default_rng(seed + 1)
     if state_path.exists():
@@ -212,7 +227,16 @@ def sample(system: str, out, frames: int, temperature: float = 500.0, dt_fs: flo
     calc_kw = dict(method="GFN2-xTB", verbosity=0)
     if charge:
         calc_kw["charge"] = int(charge)
-    atoms.calc = TBLite(**calc_kw)
+    if driver == "mmff":
+        from .mmff import MMFFCalculator, mmff_molecule
+
+        # bonds from the starting structure (rebuilt the same way on a resume)
+        start, _ = build_system(system, seed=seed)
+        if start.numbers.tolist() != atoms.numbers.tolist():
+            raise DataError(f"{out}: the state's atoms are not those of {system!r}")
+        atoms.calc = MMFFCalculator(mmff_molecule(start.numbers, start.positions, charge, what=name))
+    else:
+        atoms.calc = TBLite(**calc_kw)
     with warnings.catch_warnings():  # fixcm=True (ASE default) is kept: same as make_gfn2.py
         warnings.simplefilter("ignore", FutureWarning)
         dyn = Langevin(atoms, dt_fs * units.fs, temperature_K=temperature,
@@ -220,9 +244,12 @@ def sample(system: str, out, frames: int, temperature: float = 500.0, dt_fs: flo
     meta = dict(system=name, method="GFN2-xTB", temperature_K=float(temperature), seed=int(seed),
                 charge=int(charge), dt_fs=float(dt_fs), friction_per_fs=float(friction_per_fs),
                 every=every, **_versions())
+    if driver == "mmff":
+        meta["md_driver"] = "MMFF94 (RDKit)"
     st_params = dict(params, name=name)
     total = equil_steps + frames * every
-    bar = tqdm(total=total, initial=step, unit="step", desc=f"{name} GFN2-xTB", disable=not progress,
+    bar = tqdm(total=total, initial=step, unit="step", desc=f"{name} {'MMFF94 + ' if driver == 'mmff' else ''}GFN2-xTB",
+               disable=not progress,
                dynamic_ncols=True)
     try:
         with open(out, "ab") as fh:
@@ -303,6 +330,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=1234, help="embedding/velocity seed (default 1234)")
     p.add_argument("--charge", type=int, default=0, help="total charge (default 0)")
     p.add_argument("--max-force", type=float, default=50.0, help="stop above this max |F|, eV/Å")
+    p.add_argument("--driver", choices=("gfn2", "mmff"), default="gfn2",
+                   help="what moves the atoms: gfn2 (GFN2-xTB dynamics, default) or mmff (MMFF94 "
+                        "dynamics, GFN2-xTB labels of the written frames only: one SCF per frame "
+                        "instead of one per step; an MMFF94 ensemble of geometries)")
     p.add_argument("--md-labels", action="store_true",
                    help="store the MD calculator's energy/forces (as make_gfn2.py) instead of a "
                         "fresh SCF per frame")
@@ -318,7 +349,7 @@ def main(args: argparse.Namespace) -> int:
                      dt_fs=args.dt, every=args.every, equil_steps=args.equil_steps,
                      friction_per_fs=args.friction, seed=args.seed, charge=args.charge,
                      progress=not args.no_progress, max_force=args.max_force,
-                     fresh_labels=not args.md_labels)
+                     fresh_labels=not args.md_labels, driver=args.driver)
     except SamplingError as e:
         print(f"se3set-ase sample: stopped: {e}", file=sys.stderr)
         return 3
