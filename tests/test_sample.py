@@ -244,3 +244,13 @@ def test_mmff_driver_frames_are_gfn2_labelled_and_resume_exactly(tmp_path):
         sample("CCO", part, 5, **FAST)
     with pytest.raises(DataError, match="cannot be combined"):
         sample("CCO", tmp_path / "x.extxyz", 1, driver="mmff", fresh_labels=False, **FAST)
+
+
+def test_mmff_bond_perception_out_of_memory_is_an_error_not_an_oom_kill(monkeypatch):
+    import se3set_ase.data.mmff as mmff
+
+    # 64 MiB of address space is too little even to import RDKit: the child fails, cleanly
+    monkeypatch.setattr(mmff, "PERCEPTION_MEMORY_BYTES", 64 << 20)
+    atoms, _ = build_system("ethanol")
+    with pytest.raises(DataError, match=r"could not assign bonds and bond orders for MMFF94 within 0.0625 GiB"):
+        mmff.mmff_molecule(atoms.numbers, atoms.positions, what="ethanol")

@@ -12,7 +12,6 @@ error here, not in the machine's OOM killer.
 """
 from __future__ import annotations
 
-import resource
 import subprocess
 import sys
 
@@ -31,17 +30,15 @@ PERCEPTION_MEMORY_BYTES = 4 << 30
 _PERCEPTION_TIMEOUT_S = 600
 
 _PERCEIVE = (
-    "import sys\n"
+    "import resource, sys\n"
+    "lim = int(sys.argv[2])\n"
+    "resource.setrlimit(resource.RLIMIT_AS, (lim, lim))\n"
     "from rdkit import Chem\n"
     "from rdkit.Chem import rdDetermineBonds\n"
     "m = Chem.MolFromXYZBlock(sys.stdin.read())\n"
     "rdDetermineBonds.DetermineBonds(m, charge=int(sys.argv[1]))\n"
     "sys.stdout.write(Chem.MolToMolBlock(m, kekulize=True))\n"
 )
-
-
-def _limit_memory() -> None:  # runs in the child before exec
-    resource.setrlimit(resource.RLIMIT_AS, (PERCEPTION_MEMORY_BYTES, PERCEPTION_MEMORY_BYTES))
 
 
 def mmff_molecule(numbers, positions, charge: int = 0, what: str = "molecule"):
@@ -57,16 +54,16 @@ def mmff_molecule(numbers, positions, charge: int = 0, what: str = "molecule"):
     xyz = f"{len(numbers)}\n\n" + "".join(
         f"{chemical_symbols[int(z)]} {x:.8f} {y:.8f} {zz:.8f}\n" for z, (x, y, zz) in zip(numbers, positions))
     try:
-        res = subprocess.run([sys.executable, "-c", _PERCEIVE, str(int(charge))], input=xyz,
-                             capture_output=True, text=True, timeout=_PERCEPTION_TIMEOUT_S,
-                             preexec_fn=_limit_memory)
+        # (the limit is set by the child itself: preexec_fn is unsafe in a threaded parent)
+        res = subprocess.run([sys.executable, "-c", _PERCEIVE, str(int(charge)), str(PERCEPTION_MEMORY_BYTES)],
+                             input=xyz, capture_output=True, text=True, timeout=_PERCEPTION_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         raise DataError(f"{what}: RDKit bond perception took over {_PERCEPTION_TIMEOUT_S} s; "
                         f"use --driver gfn2") from None
     if res.returncode != 0:
         last = (res.stderr.strip().splitlines() or ["killed"])[-1]
         raise DataError(f"{what}: RDKit could not assign bonds and bond orders for MMFF94 within "
-                        f"{PERCEPTION_MEMORY_BYTES >> 30} GiB ({last}); use --driver gfn2")
+                        f"{PERCEPTION_MEMORY_BYTES / 2**30:g} GiB ({last}); use --driver gfn2")
     m = Chem.MolFromMolBlock(res.stdout, removeHs=False)
     if m is None or m.GetNumAtoms() != len(numbers) or \
             [a.GetAtomicNum() for a in m.GetAtoms()] != numbers.tolist():
