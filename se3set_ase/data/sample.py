@@ -186,6 +186,7 @@ def sample(system: str, out, frames: int, temperature: float = 500.0, dt_fs: flo
         params["driver"] = driver
 
     rng = np.random.default_rng(seed + 1)
+    start = None  # the starting structure, when built here (the MMFF driver's bonds come from it)
     if state_path.exists():
         st = _load_state(state_path)
         stored = {k: v for k, v in st["params"].items() if k != "name"}
@@ -212,6 +213,7 @@ def sample(system: str, out, frames: int, temperature: float = 500.0, dt_fs: flo
                             f"continued exactly; remove it or choose another output name")
         atoms, name = build_system(system, seed=seed)
         check_elements(atoms.numbers, name)
+        start = atoms.copy()
         with warnings.catch_warnings():  # same call as make_gfn2.py (deprecated alias in ASE 3.29)
             warnings.simplefilter("ignore", DeprecationWarning)
             MaxwellBoltzmannDistribution(atoms, temperature_K=temperature,
@@ -231,7 +233,8 @@ def sample(system: str, out, frames: int, temperature: float = 500.0, dt_fs: flo
         from .mmff import MMFFCalculator, mmff_molecule
 
         # bonds from the starting structure (rebuilt the same way on a resume)
-        start, _ = build_system(system, seed=seed)
+        if start is None:
+            start, _ = build_system(system, seed=seed)
         if start.numbers.tolist() != atoms.numbers.tolist():
             raise DataError(f"{out}: the state's atoms are not those of {system!r}")
         atoms.calc = MMFFCalculator(mmff_molecule(start.numbers, start.positions, charge, what=name))
