@@ -216,7 +216,7 @@ def test_mmff_molecule_rejects_an_impossible_structure():
     # a carbon with seven hydrogens around it: no bond orders make that a molecule
     pos = np.array([[0, 0, 0]] + [[np.cos(a), np.sin(a), 0.3 * (-1) ** k] for k, a in
                                   enumerate(np.linspace(0, 2 * np.pi, 8)[:7])], dtype=float)
-    with pytest.raises(DataError, match="RDKit could not assign bonds|MMFF94 has no parameters"):
+    with pytest.raises(DataError, match="could not assign bond|MMFF94 has no parameters"):
         mmff_molecule([6] + [1] * 7, pos, what="CH7")
 
 

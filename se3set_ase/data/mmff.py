@@ -5,13 +5,15 @@ only the written frames with GFN2-xTB: one SCF per frame instead of one per MD s
 fewer GFN2-xTB calls), at the price of an MMFF94 ensemble of geometries instead of a GFN2-xTB
 one. The labels are exact GFN2-xTB energies and forces of the stored geometries either way.
 
-Bonds and bond orders come from the starting geometry (``rdkit.Chem.rdDetermineBonds``), run in a
-child process with a memory limit: RDKit's bond-order and ring perception can exhaust memory on
-cage or tube topologies (a 370-atom double-walled nanotube took > 20 GB), which must end in an
-error here, not in the machine's OOM killer.
+Bonds, bond orders and formal charges come from the starting geometry by the fragmenter's own
+perception (:func:`se3set_ase.fragment.bonds.perceive_bonds`), so MMFF94 and the model see one
+topology. It runs in a child process with a memory limit: RDKit's bond-order perception can
+exhaust memory on cage or tube topologies (a 370-atom double-walled nanotube took > 20 GB), which
+must end in an error here, not in the machine's OOM killer.
 """
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -29,15 +31,20 @@ KCAL_PER_MOL = kcal / _mol
 PERCEPTION_MEMORY_BYTES = 4 << 30
 _PERCEPTION_TIMEOUT_S = 600
 
+# child: stdin {"numbers", "positions"} -> stdout {"bonds": [[i, j, order]], "formal_charges"};
+# exit 3 with the fragmenter's message on stderr when no bond orders exist
 _PERCEIVE = (
-    "import resource, sys\n"
+    "import json, resource, sys\n"
     "lim = int(sys.argv[2])\n"
     "resource.setrlimit(resource.RLIMIT_AS, (lim, lim))\n"
-    "from rdkit import Chem\n"
-    "from rdkit.Chem import rdDetermineBonds\n"
-    "m = Chem.MolFromXYZBlock(sys.stdin.read())\n"
-    "rdDetermineBonds.DetermineBonds(m, charge=int(sys.argv[1]))\n"
-    "sys.stdout.write(Chem.MolToMolBlock(m, kekulize=True))\n"
+    "from se3set_ase.fragment.bonds import perceive_bonds\n"
+    "from se3set_ase.fragment.errors import FragmentationError, StructureError\n"
+    "x = json.load(sys.stdin)\n"
+    "try:\n"
+    "    t = perceive_bonds(x['numbers'], x['positions'], charge=int(sys.argv[1]))\n"
+    "except (FragmentationError, StructureError) as exc:\n"
+    "    sys.stderr.write(str(exc)); sys.exit(3)\n"
+    "json.dump({'bonds': t.bonds, 'formal_charges': t.formal_charges}, sys.stdout)\n"
 )
 
 
@@ -47,27 +54,29 @@ def mmff_molecule(numbers, positions, charge: int = 0, what: str = "molecule"):
     assign bonds (within 4 GiB and 10 min) or MMFF94 lacks parameters for an atom."""
     from rdkit import Chem
     from rdkit.Chem import rdForceFieldHelpers
-    from ase.data import chemical_symbols
 
-    numbers = np.asarray(numbers)
+    from ..fragment.bonds import _rdkit_mol
+
+    numbers = np.asarray(numbers, dtype=np.int64)
     positions = np.asarray(positions, dtype=float)
-    xyz = f"{len(numbers)}\n\n" + "".join(
-        f"{chemical_symbols[int(z)]} {x:.8f} {y:.8f} {zz:.8f}\n" for z, (x, y, zz) in zip(numbers, positions))
+    request = json.dumps({"numbers": numbers.tolist(), "positions": positions.tolist()})
     try:
         # (the limit is set by the child itself: preexec_fn is unsafe in a threaded parent)
         res = subprocess.run([sys.executable, "-c", _PERCEIVE, str(int(charge)), str(PERCEPTION_MEMORY_BYTES)],
-                             input=xyz, capture_output=True, text=True, timeout=_PERCEPTION_TIMEOUT_S)
+                             input=request, capture_output=True, text=True, timeout=_PERCEPTION_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         raise DataError(f"{what}: RDKit bond perception took over {_PERCEPTION_TIMEOUT_S} s; "
                         f"use --driver gfn2") from None
+    if res.returncode == 3:
+        raise DataError(f"{what}: could not assign bonds for MMFF94: {res.stderr.strip()}")
     if res.returncode != 0:
         last = (res.stderr.strip().splitlines() or ["killed"])[-1]
         raise DataError(f"{what}: RDKit could not assign bonds and bond orders for MMFF94 within "
                         f"{PERCEPTION_MEMORY_BYTES / 2**30:g} GiB ({last}); use --driver gfn2")
-    m = Chem.MolFromMolBlock(res.stdout, removeHs=False)
-    if m is None or m.GetNumAtoms() != len(numbers) or \
-            [a.GetAtomicNum() for a in m.GetAtoms()] != numbers.tolist():
-        raise DataError(f"{what}: RDKit's perceived molecule does not match the atoms")
+    top = json.loads(res.stdout)
+    bonds = np.asarray(top["bonds"], dtype=np.int64).reshape(-1, 3)
+    m = _rdkit_mol(numbers, positions, bonds[:, :2], bonds[:, 2], top["formal_charges"])
+    Chem.SanitizeMol(m)  # aromaticity and ring information, which MMFF94 atom typing needs
     if not rdForceFieldHelpers.MMFFHasAllMoleculeParams(m):
         raise DataError(f"{what}: MMFF94 has no parameters for some atom types of this molecule; "
                         f"use --driver gfn2")
