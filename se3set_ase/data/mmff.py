@@ -7,9 +7,10 @@ one. The labels are exact GFN2-xTB energies and forces of the stored geometries 
 
 Bonds, bond orders and formal charges come from the starting geometry by the fragmenter's own
 perception (:func:`se3set_ase.fragment.bonds.perceive_bonds`), so MMFF94 and the model see one
-topology. It runs in a child process with a memory limit: RDKit's bond-order perception can
-exhaust memory on cage or tube topologies (a 370-atom double-walled nanotube took > 20 GB), which
-must end in an error here, not in the machine's OOM killer.
+topology. It runs in a child process with a memory limit, together with RDKit's ring and
+aromaticity perception (sanitisation, which MMFF94 atom typing needs): that can exhaust memory on
+cage or tube topologies (a 370-atom double-walled nanotube took > 20 GB), which must end in an
+error here, not in the machine's OOM killer.
 """
 from __future__ import annotations
 
@@ -31,21 +32,31 @@ KCAL_PER_MOL = kcal / _mol
 PERCEPTION_MEMORY_BYTES = 4 << 30
 _PERCEPTION_TIMEOUT_S = 600
 
-# child: stdin {"numbers", "positions"} -> stdout {"bonds": [[i, j, order]], "formal_charges"};
-# exit 3 with the fragmenter's message on stderr when no bond orders exist
-_PERCEIVE = (
-    "import json, resource, sys\n"
-    "lim = int(sys.argv[2])\n"
-    "resource.setrlimit(resource.RLIMIT_AS, (lim, lim))\n"
-    "from se3set_ase.fragment.bonds import perceive_bonds\n"
-    "from se3set_ase.fragment.errors import FragmentationError, StructureError\n"
-    "x = json.load(sys.stdin)\n"
-    "try:\n"
-    "    t = perceive_bonds(x['numbers'], x['positions'], charge=int(sys.argv[1]))\n"
-    "except (FragmentationError, StructureError) as exc:\n"
-    "    sys.stderr.write(str(exc)); sys.exit(3)\n"
-    "json.dump({'bonds': t.bonds, 'formal_charges': t.formal_charges}, sys.stdout)\n"
-)
+_CHILD = "from se3set_ase.data.mmff import _perceive_in_child; _perceive_in_child()"
+
+
+def _perceive_in_child() -> None:
+    """Body of the memory-limited child: stdin ``{"numbers", "positions", "charge", "limit"}``
+    -> stdout a Kekulé mol block. Exit 3 with the fragmenter's message on stderr when the atoms
+    have no valid bond orders; an exhausted limit ends in a MemoryError (exit 1)."""
+    import resource
+
+    x = json.load(sys.stdin)
+    resource.setrlimit(resource.RLIMIT_AS, (int(x["limit"]), int(x["limit"])))
+    from rdkit import Chem
+
+    from ..fragment.bonds import _rdkit_mol, perceive_bonds
+    from ..fragment.errors import FragmentationError, StructureError
+
+    try:
+        top = perceive_bonds(x["numbers"], x["positions"], charge=int(x["charge"]))
+    except (FragmentationError, StructureError) as exc:
+        sys.stderr.write(str(exc))
+        sys.exit(3)
+    bonds = np.asarray(top.bonds, dtype=np.int64).reshape(-1, 3)
+    m = _rdkit_mol(top.numbers, np.asarray(x["positions"]), bonds[:, :2], bonds[:, 2], top.formal_charges)
+    Chem.SanitizeMol(m)  # ring and aromaticity perception (what exhausts memory on a nanotube)
+    sys.stdout.write(Chem.MolToMolBlock(m, kekulize=True))
 
 
 def mmff_molecule(numbers, positions, charge: int = 0, what: str = "molecule"):
@@ -55,28 +66,27 @@ def mmff_molecule(numbers, positions, charge: int = 0, what: str = "molecule"):
     from rdkit import Chem
     from rdkit.Chem import rdForceFieldHelpers
 
-    from ..fragment.bonds import _rdkit_mol
-
     numbers = np.asarray(numbers, dtype=np.int64)
-    positions = np.asarray(positions, dtype=float)
-    request = json.dumps({"numbers": numbers.tolist(), "positions": positions.tolist()})
+    request = {"numbers": numbers.tolist(), "positions": np.asarray(positions, dtype=float).tolist(),
+               "charge": int(charge), "limit": int(PERCEPTION_MEMORY_BYTES)}
     try:
         # (the limit is set by the child itself: preexec_fn is unsafe in a threaded parent)
-        res = subprocess.run([sys.executable, "-c", _PERCEIVE, str(int(charge)), str(PERCEPTION_MEMORY_BYTES)],
-                             input=request, capture_output=True, text=True, timeout=_PERCEPTION_TIMEOUT_S)
+        res = subprocess.run([sys.executable, "-c", _CHILD], input=json.dumps(request),
+                             capture_output=True, text=True, timeout=_PERCEPTION_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         raise DataError(f"{what}: RDKit bond perception took over {_PERCEPTION_TIMEOUT_S} s; "
                         f"use --driver gfn2") from None
     if res.returncode == 3:
         raise DataError(f"{what}: could not assign bonds for MMFF94: {res.stderr.strip()}")
     if res.returncode != 0:
-        last = (res.stderr.strip().splitlines() or ["killed"])[-1]
+        how = f"signal {-res.returncode}" if res.returncode < 0 else f"exit status {res.returncode}"
+        last = (res.stderr.strip().splitlines() or [how])[-1]
         raise DataError(f"{what}: RDKit could not assign bonds and bond orders for MMFF94 within "
                         f"{PERCEPTION_MEMORY_BYTES / 2**30:g} GiB ({last}); use --driver gfn2")
-    top = json.loads(res.stdout)
-    bonds = np.asarray(top["bonds"], dtype=np.int64).reshape(-1, 3)
-    m = _rdkit_mol(numbers, positions, bonds[:, :2], bonds[:, 2], top["formal_charges"])
-    Chem.SanitizeMol(m)  # aromaticity and ring information, which MMFF94 atom typing needs
+    m = Chem.MolFromMolBlock(res.stdout, removeHs=False)
+    if m is None or m.GetNumAtoms() != len(numbers) or \
+            [a.GetAtomicNum() for a in m.GetAtoms()] != numbers.tolist():
+        raise DataError(f"{what}: RDKit's perceived molecule does not match the atoms")
     if not rdForceFieldHelpers.MMFFHasAllMoleculeParams(m):
         raise DataError(f"{what}: MMFF94 has no parameters for some atom types of this molecule; "
                         f"use --driver gfn2")
