@@ -254,3 +254,48 @@ def test_mmff_bond_perception_out_of_memory_is_an_error_not_an_oom_kill(monkeypa
     atoms, _ = build_system("ethanol")
     with pytest.raises(DataError, match=r"could not assign bonds and bond orders for MMFF94 within 0.0625 GiB"):
         mmff.mmff_molecule(atoms.numbers, atoms.positions, what="ethanol")
+
+
+def test_mmff_reduced_perception_types_ordinary_molecules_as_the_full_one():
+    """The fallback for fused sp2 networks (no RDKit aromaticity, plain SSSR) gives MMFF94 the same
+    atom types and energy as RDKit's full perception on an aromatic molecule with an ester."""
+    from rdkit.Chem import rdForceFieldHelpers as F
+    from se3set_ase.data.mmff import _sanitize
+    from se3set_ase.fragment.bonds import _rdkit_mol, perceive_bonds
+
+    atoms, _ = build_system("aspirin")
+    top = perceive_bonds(atoms.numbers, atoms.positions)
+    b = np.asarray(top.bonds)
+    typed = []
+    for full in (True, False):
+        m = _rdkit_mol(top.numbers, atoms.positions, b[:, :2], b[:, 2], top.formal_charges)
+        _sanitize(m, full)
+        p = F.MMFFGetMoleculeProperties(m)
+        ff = F.MMFFGetMoleculeForceField(m, p, nonBondedThresh=1e6, ignoreInterfragInteractions=False)
+        typed.append(([p.GetMMFFAtomType(i) for i in range(m.GetNumAtoms())], ff.CalcEnergy()))
+    assert 37 in typed[0][0]  # aromatic carbon: the ring was typed aromatic
+    assert typed[0][0] == typed[1][0]
+    assert typed[0][1] == pytest.approx(typed[1][1], abs=1e-9)
+
+
+def test_mmff_molecule_falls_back_when_full_perception_does_not_fit(monkeypatch):
+    import subprocess
+
+    import se3set_ase.data.mmff as mmff
+
+    calls = []
+    real = mmff._run_child
+
+    def first_one_crashes(request, what):
+        calls.append(request["full"])
+        if request["full"]:  # as RDKit's ring perception on a nanotube: killed by the limit
+            return subprocess.CompletedProcess([], -11, "", "")
+        return real(request, what)
+
+    monkeypatch.setattr(mmff, "_run_child", first_one_crashes)
+    atoms, _ = build_system("ethanol")
+    with pytest.warns(UserWarning, match=r"does not fit in 4 GiB \(signal 11\); MMFF94 types"):
+        m = mmff.mmff_molecule(atoms.numbers, atoms.positions, what="ethanol")
+    assert calls == [True, False] and m.GetNumAtoms() == 9
+    atoms.calc = mmff.MMFFCalculator(m)
+    assert np.isfinite(atoms.get_potential_energy())

@@ -10,13 +10,16 @@ perception (:func:`se3set_ase.fragment.bonds.perceive_bonds`), so MMFF94 and the
 topology. It runs in a child process with a memory limit, together with RDKit's ring and
 aromaticity perception (sanitisation, which MMFF94 atom typing needs): that can exhaust memory on
 cage or tube topologies (a 370-atom double-walled nanotube took > 20 GB), which must end in an
-error here, not in the machine's OOM killer.
+error here, not in the machine's OOM killer. When only the ring and aromaticity perception does not
+fit, MMFF94 types the molecule from its Kekulé structure instead, with a warning (:func:`_sanitize`).
 """
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 from ase.calculators.calculator import Calculator, all_changes
@@ -35,16 +38,31 @@ _PERCEPTION_TIMEOUT_S = 600
 _CHILD = "from se3set_ase.data.mmff import _perceive_in_child; _perceive_in_child()"
 
 
+def _sanitize(mol, full: bool) -> None:
+    """RDKit sanitisation for MMFF94 typing. ``full``: RDKit's own (symmetrised SSSR and RDKit
+    aromaticity). Otherwise the reduced one for large fused sp2 networks, where RDKit's ring and
+    aromaticity perception exhausts memory: plain SSSR and no RDKit aromaticity, so MMFF94 types
+    aromatic rings by its own rules from the Kekulé structure (the same types for every shared
+    molecule and MD22 system but the buckyball catcher, whose fully conjugated cage then loses part
+    of its aromatic typing)."""
+    from rdkit import Chem
+
+    if full:
+        Chem.SanitizeMol(mol)
+    else:
+        Chem.SanitizeMol(mol, Chem.SANITIZE_ALL ^ Chem.SANITIZE_SYMMRINGS ^ Chem.SANITIZE_SETAROMATICITY)
+        Chem.GetSSSR(mol)
+
+
 def _perceive_in_child() -> None:
-    """Body of the memory-limited child: stdin ``{"numbers", "positions", "charge", "limit"}``
-    -> stdout a Kekulé mol block. Exit 3 with the fragmenter's message on stderr when the atoms
-    have no valid bond orders; an exhausted limit ends in a MemoryError (exit 1)."""
+    """Body of the memory-limited child: stdin ``{"numbers", "positions", "charge", "limit",
+    "full"}`` -> stdout the molecule (RDKit binary, base64), sanitised by :func:`_sanitize`.
+    Exit 3 with the fragmenter's message on stderr when the atoms have no valid bond orders;
+    an exhausted limit ends the child with an error or a signal."""
     import resource
 
     x = json.load(sys.stdin)
     resource.setrlimit(resource.RLIMIT_AS, (int(x["limit"]), int(x["limit"])))
-    from rdkit import Chem
-
     from ..fragment.bonds import _rdkit_mol, perceive_bonds
     from ..fragment.errors import FragmentationError, StructureError
 
@@ -55,8 +73,26 @@ def _perceive_in_child() -> None:
         sys.exit(3)
     bonds = np.asarray(top.bonds, dtype=np.int64).reshape(-1, 3)
     m = _rdkit_mol(top.numbers, np.asarray(x["positions"]), bonds[:, :2], bonds[:, 2], top.formal_charges)
-    Chem.SanitizeMol(m)  # ring and aromaticity perception (what exhausts memory on a nanotube)
-    sys.stdout.write(Chem.MolToMolBlock(m, kekulize=True))
+    _sanitize(m, bool(x["full"]))
+    sys.stdout.write(base64.b64encode(m.ToBinary()).decode())
+
+
+def _run_child(request: dict, what: str) -> subprocess.CompletedProcess:
+    try:
+        # (the limit is set by the child itself: preexec_fn is unsafe in a threaded parent)
+        res = subprocess.run([sys.executable, "-c", _CHILD], input=json.dumps(request),
+                             capture_output=True, text=True, timeout=_PERCEPTION_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise DataError(f"{what}: RDKit bond perception took over {_PERCEPTION_TIMEOUT_S} s; "
+                        f"use --driver gfn2") from None
+    if res.returncode == 3:
+        raise DataError(f"{what}: could not assign bonds for MMFF94: {res.stderr.strip()}")
+    return res
+
+
+def _failure(res: subprocess.CompletedProcess) -> str:
+    how = f"signal {-res.returncode}" if res.returncode < 0 else f"exit status {res.returncode}"
+    return (res.stderr.strip().splitlines() or [how])[-1]
 
 
 def mmff_molecule(numbers, positions, charge: int = 0, what: str = "molecule"):
@@ -68,23 +104,22 @@ def mmff_molecule(numbers, positions, charge: int = 0, what: str = "molecule"):
 
     numbers = np.asarray(numbers, dtype=np.int64)
     request = {"numbers": numbers.tolist(), "positions": np.asarray(positions, dtype=float).tolist(),
-               "charge": int(charge), "limit": int(PERCEPTION_MEMORY_BYTES)}
-    try:
-        # (the limit is set by the child itself: preexec_fn is unsafe in a threaded parent)
-        res = subprocess.run([sys.executable, "-c", _CHILD], input=json.dumps(request),
-                             capture_output=True, text=True, timeout=_PERCEPTION_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        raise DataError(f"{what}: RDKit bond perception took over {_PERCEPTION_TIMEOUT_S} s; "
-                        f"use --driver gfn2") from None
-    if res.returncode == 3:
-        raise DataError(f"{what}: could not assign bonds for MMFF94: {res.stderr.strip()}")
-    if res.returncode != 0:
-        how = f"signal {-res.returncode}" if res.returncode < 0 else f"exit status {res.returncode}"
-        last = (res.stderr.strip().splitlines() or [how])[-1]
-        raise DataError(f"{what}: RDKit could not assign bonds and bond orders for MMFF94 within "
-                        f"{PERCEPTION_MEMORY_BYTES / 2**30:g} GiB ({last}); use --driver gfn2")
-    m = Chem.MolFromMolBlock(res.stdout, removeHs=False)
-    if m is None or m.GetNumAtoms() != len(numbers) or \
+               "charge": int(charge), "limit": int(PERCEPTION_MEMORY_BYTES), "full": True}
+    res = _run_child(request, what)
+    limit, full = f"{PERCEPTION_MEMORY_BYTES / 2**30:g} GiB", True
+    if res.returncode != 0:  # RDKit's own ring and aromaticity perception did not fit: the reduced one
+        first = _failure(res)
+        full = False
+        res = _run_child({**request, "full": full}, what)
+        if res.returncode != 0:
+            raise DataError(f"{what}: RDKit could not assign bonds and bond orders for MMFF94 within "
+                            f"{limit} ({first}; {_failure(res)}); use --driver gfn2")
+        warnings.warn(f"{what}: RDKit's ring and aromaticity perception does not fit in {limit} "
+                      f"({first}); MMFF94 types the aromatic rings from the Kekulé structure (SSSR "
+                      f"rings only)", stacklevel=2)
+    m = Chem.Mol(base64.b64decode(res.stdout))
+    _sanitize(m, full)  # (within the limit: it did the same in the child)
+    if m.GetNumAtoms() != len(numbers) or \
             [a.GetAtomicNum() for a in m.GetAtoms()] != numbers.tolist():
         raise DataError(f"{what}: RDKit's perceived molecule does not match the atoms")
     if not rdForceFieldHelpers.MMFFHasAllMoleculeParams(m):
