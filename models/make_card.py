@@ -390,6 +390,7 @@ def fd_check(model_path, frame, seed, n_comp=6):
 
 # ----------------------------------------------------------------------------- main measurement
 def measure(args) -> dict:
+    commit = git_commit()  # the code that measures: read now, not when the hours of MD are over
     import numpy as np
     import torch
 
@@ -533,7 +534,7 @@ def measure(args) -> dict:
                    if kind["kind"] == "md17" else None},
         "card": {"quick": bool(args.quick), "seed": args.seed, "threads": args.threads,
                  "command": "python models/make_card.py " + " ".join(sys.argv[1:]),
-                 "se3set_ase_version": __version__, "git_commit": git_commit(), "torch_version": torch.__version__,
+                 "se3set_ase_version": __version__, "git_commit": commit, "torch_version": torch.__version__,
                  "host": {"cpu": cpu_name(), "platform": platform.platform(), "python": platform.python_version()},
                  "generated_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
         "machine_dependent": MACHINE_DEPENDENT,
