@@ -22,6 +22,13 @@ components) comes from seeded ``numpy.random.default_rng``. torch runs with ``--
 the same software gives identical figures except the timings (keys listed in
 ``machine_dependent``). A rerun must use the card's own command: ``--compile`` and
 ``--langevin-dtype`` change the rounding, hence the MD trajectories (not their meaning).
+
+Resume: the measurement keeps its progress in ``OUT_DIR/NAME.card-progress`` (the finished
+phases, and the MD run in flight every ``--save-every-minutes`` and on SIGTERM or ``--max-time``).
+The same command run again continues where it stopped and gives the figures of an unbroken run
+(positions, momenta and the noise generator's state are stored exactly; the calculator's bond
+hysteresis is restored by one call at the start frame). The state file is removed when the card is
+written; one made with other arguments or for another model or data file is refused.
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ import json
 import math
 import os
 import platform
+import signal
 import statistics
 import sys
 import time
@@ -200,8 +208,107 @@ def duplicates_across(frames, a_idx, b_idx, tol: float = 1e-8) -> int:
     return n
 
 
+# ----------------------------------------------------------------------------- resumable progress
+class Stopped(Exception):
+    """The run stopped on SIGTERM or ``--max-time`` after saving its progress."""
+
+
+class Progress:
+    """The finished phases and the MD in flight of one card run, kept in a JSON file.
+
+    ``key`` names what the measurement depends on (model and data checksums, every measuring
+    argument); a state file with another key is refused. Floats go through JSON unchanged
+    (Python writes the shortest repr that reads back to the same double)."""
+
+    def __init__(self, path: Path, key: dict, save_every_s: float = 600.0, max_time_s: float | None = None):
+        self.path, self.key = path, key
+        self.save_every_s, self.max_time_s = save_every_s, max_time_s
+        self.t_start = time.monotonic()
+        self.last_save = self.t_start
+        self.signal = None
+        if path.exists():
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError) as exc:
+                sys.exit(f"{path}: unreadable card state ({exc}); delete it to start over")
+            if data.get("key") != key:
+                diff = sorted(k for k in set(key) | set(data.get("key", {})) if key.get(k) != data.get("key", {}).get(k))
+                sys.exit(f"{path} was made for another run (differs in: {', '.join(diff)}); "
+                         "rerun that command or delete the file to start over")
+            self.data = data
+        else:
+            self.data = {"key": key, "phases": {}, "inflight": {}, "runs": []}
+        self.resumed = bool(self.data["phases"] or self.data["inflight"])
+
+    def __enter__(self):
+        self._old = signal.signal(signal.SIGTERM, self._on_signal)
+        return self
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self._old)
+        return False
+
+    def _on_signal(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def save(self) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.data))
+        os.replace(tmp, self.path)
+        self.last_save = time.monotonic()
+
+    def phase(self, name: str):
+        return self.data["phases"].get(name)
+
+    def finish(self, name: str, value) -> None:
+        self.data["phases"][name] = value
+        self.data["inflight"].pop(name, None)
+        self.save()
+        self.check(name)
+
+    def stop_reason(self) -> str | None:
+        if self.signal:
+            return self.signal
+        if self.max_time_s is not None and time.monotonic() - self.t_start >= self.max_time_s:
+            return "max-time"
+        return None
+
+    def check(self, where: str) -> None:
+        """Between phases: stop here (progress already saved) if asked to."""
+        why = self.stop_reason()
+        if why:
+            raise Stopped(f"stopped ({why}) after {where}; progress in {self.path}: rerun the same command to continue")
+
+    def md(self, name: str):
+        """The saved snapshot of MD phase ``name``, or None."""
+        return self.data["inflight"].get(name)
+
+    def md_step(self, name: str, snapshot) -> None:
+        """After an MD step: save the snapshot (a callable giving it) when due, stop if asked to."""
+        why = self.stop_reason()
+        if why or time.monotonic() - self.last_save >= self.save_every_s:
+            snap = snapshot()
+            self.data["inflight"][name] = snap
+            self.save()
+            if why:
+                raise Stopped(f"stopped ({why}) in {name} at MD step {snap['step']}; progress in {self.path}: "
+                              "rerun the same command to continue")
+
+
+def _prime(calc, frame) -> None:
+    """One call at the start frame: a resumed run's calculator then holds the start's bonds for its
+    hysteresis, as the unbroken run's did (while the run is stable its bonds equal those, see
+    ``bond_set(previous=...)``)."""
+    atoms = frame_atoms(frame)
+    atoms.calc = calc
+    atoms.get_forces()
+
+
 # ----------------------------------------------------------------------------- measurements
-def run_langevin(model_path, frame, temperature, ps, dt_fs, seed, compile=False, dtype="float64"):
+def run_langevin(model_path, frame, temperature, ps, dt_fs, seed, compile=False, dtype="float64",
+                 progress: Progress | None = None):
+    """Langevin MD from ``frame`` (fixed centre of mass) until ``ps`` or a bond change; resumable
+    through ``progress`` (phase ``langevin``)."""
     import numpy as np
     from ase import units
     from ase.constraints import FixCom
@@ -213,24 +320,41 @@ def run_langevin(model_path, frame, temperature, ps, dt_fs, seed, compile=False,
     from se3set_ase.data.sample import bond_set
 
     atoms = frame_atoms(frame)
-    atoms.calc = SE3SetCalculator(model_path, device="cpu", dtype=getattr(torch, dtype), compile=compile)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=np.random.default_rng(seed))
-    Stationary(atoms)
-    ZeroRotation(atoms)
+    calc = SE3SetCalculator(model_path, device="cpu", dtype=getattr(torch, dtype), compile=compile)
     bonds0 = bond_set(atoms.numbers, atoms.positions)
+    snap = progress.md("langevin") if progress else None
+    if snap is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=np.random.default_rng(seed))
+        Stationary(atoms)
+        ZeroRotation(atoms)
+        start, temps, wall0 = 0, [], 0.0
+    else:
+        _prime(calc, frame)
+        atoms.positions = np.array(snap["positions"])
+        atoms.set_momenta(np.array(snap["momenta"]), apply_constraint=False)
+        start, temps, wall0 = snap["step"], list(snap["temperatures"]), snap["wall_time_s"]
+    atoms.calc = calc
     n_steps = int(round(ps * 1000 / dt_fs))
     atoms.set_constraint(FixCom())  # centre of mass fixed (ASE's replacement for Langevin(fixcm=True))
+    rng = np.random.default_rng(seed + 1)
+    if snap is not None:
+        rng.bit_generator.state = snap["rng_state"]
     dyn = Langevin(atoms, timestep=dt_fs * units.fs, temperature_K=temperature, fixcm=False,
-                   friction=LANGEVIN_FRICTION_PER_FS / units.fs, rng=np.random.default_rng(seed + 1))
-    temps = []
+                   friction=LANGEVIN_FRICTION_PER_FS / units.fs, rng=rng)
     event = None
     t0 = time.perf_counter()
-    done = 0
+    done = start
+
+    def snapshot():
+        return {"step": done, "positions": atoms.positions.tolist(), "momenta": atoms.get_momenta().tolist(),
+                "rng_state": rng.bit_generator.state, "temperatures": temps,
+                "wall_time_s": wall0 + time.perf_counter() - t0}
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TopologyChangeWarning: detected below with bond_set
-        for step in range(1, n_steps + 1):
+        for step in range(start + 1, n_steps + 1):
             try:
                 dyn.run(1)
             except Exception as exc:  # noqa: BLE001 - a failed force call is an instability too
@@ -247,17 +371,21 @@ def run_langevin(model_path, frame, temperature, ps, dt_fs, seed, compile=False,
                          "broken": sorted(map(list, bonds0 - b))[:8], "formed": sorted(map(list, b - bonds0))[:8]}
                 break
             temps.append(float(atoms.get_temperature()))
-    wall = time.perf_counter() - t0
+            if progress is not None and step < n_steps:
+                progress.md_step("langevin", snapshot)
+    wall = wall0 + time.perf_counter() - t0
     return {"temperature_K": temperature, "requested_ps": ps, "dt_fs": dt_fs, "steps_requested": n_steps, "dtype": dtype,
             "steps_done": done, "friction_per_fs": LANGEVIN_FRICTION_PER_FS, "seed": seed,
             "velocity_seed": seed, "noise_seed": seed + 1, "n_bonds": len(bonds0),
             "stable": event is None, "event": event,
             "mean_temperature_K": float(np.mean(temps)) if temps else None,
             "wall_time_s": wall, "ms_per_step": 1000 * wall / max(done + (event is not None), 1),
-            **compiled_note(atoms.calc, compile)}
+            **compiled_note(calc, compile)}
 
 
-def run_nve(model_path, frame, ps, dt_fs, seed, compile=False):
+def run_nve(model_path, frame, ps, dt_fs, seed, compile=False, progress: Progress | None = None):
+    """Velocity Verlet from ``frame`` at 300 K initial velocities: the drift of the total energy;
+    resumable through ``progress`` (phase ``nve``)."""
     import numpy as np
     from ase import units
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
@@ -268,23 +396,39 @@ def run_nve(model_path, frame, ps, dt_fs, seed, compile=False):
     from se3set_ase.data.sample import bond_set
 
     atoms = frame_atoms(frame)
-    atoms.calc = SE3SetCalculator(model_path, device="cpu", dtype=torch.float64, compile=compile)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        MaxwellBoltzmannDistribution(atoms, temperature_K=300.0, rng=np.random.default_rng(seed))
-    Stationary(atoms)
-    ZeroRotation(atoms)
+    calc = SE3SetCalculator(model_path, device="cpu", dtype=torch.float64, compile=compile)
     bonds0 = bond_set(atoms.numbers, atoms.positions)
+    snap = progress.md("nve") if progress else None
+    if snap is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            MaxwellBoltzmannDistribution(atoms, temperature_K=300.0, rng=np.random.default_rng(seed))
+        Stationary(atoms)
+        ZeroRotation(atoms)
+    else:
+        _prime(calc, frame)
+        atoms.positions = np.array(snap["positions"])
+        atoms.set_momenta(np.array(snap["momenta"]))
+    atoms.calc = calc
     n_steps = int(round(ps * 1000 / dt_fs))
     dyn = VelocityVerlet(atoms, timestep=dt_fs * units.fs)
-    e0 = atoms.get_potential_energy() + atoms.get_kinetic_energy()
-    t, e = [0.0], [e0]
+    if snap is None:
+        e0 = atoms.get_potential_energy() + atoms.get_kinetic_energy()
+        t, e, start, wall0 = [0.0], [e0], 0, 0.0
+    else:
+        e0, t, e, start, wall0 = snap["e0"], list(snap["t"]), list(snap["e"]), snap["step"], snap["wall_time_s"]
     topo = None
     stop = None
     t0 = time.perf_counter()
+    done = start
+
+    def snapshot():
+        return {"step": done, "positions": atoms.positions.tolist(), "momenta": atoms.get_momenta().tolist(),
+                "e0": e0, "t": t, "e": e, "wall_time_s": wall0 + time.perf_counter() - t0}
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for step in range(1, n_steps + 1):
+        for step in range(start + 1, n_steps + 1):
             try:
                 dyn.run(1)
             except Exception as exc:  # noqa: BLE001 - e.g. fragmentation fails once atoms fly apart
@@ -296,11 +440,14 @@ def run_nve(model_path, frame, ps, dt_fs, seed, compile=False):
                 break
             e.append(etot)
             t.append(step * dt_fs / 1000)
+            done = step
             if bond_set(atoms.numbers, atoms.positions, previous=bonds0) != bonds0:
                 topo = step  # drift across a bond change is meaningless: stop here
                 stop = f"bond topology changed at step {step}"
                 break
-    wall = time.perf_counter() - t0
+            if progress is not None and step < n_steps:
+                progress.md_step("nve", snapshot)
+    wall = wall0 + time.perf_counter() - t0
     t, e = np.array(t), np.array(e)
     n = len(atoms)
     slope = float(np.polyfit(t, e, 1)[0]) if len(e) > 2 else float("nan")  # eV/ps
@@ -310,7 +457,7 @@ def run_nve(model_path, frame, ps, dt_fs, seed, compile=False):
             "max_abs_dE_meV": float(1000 * dev.max()), "max_abs_dE_meV_per_atom": float(1000 * dev.max() / n),
             "topology_changed_at_step": topo, "completed": stop is None, "stopped": stop,
             "wall_time_s": wall, "ms_per_step": 1000 * wall / max(len(e) - 1, 1),
-            **compiled_note(atoms.calc, compile)}
+            **compiled_note(calc, compile)}
 
 
 def compiled_note(calc, requested: bool) -> dict:
@@ -389,51 +536,17 @@ def fd_check(model_path, frame, seed, n_comp=6):
 
 
 # ----------------------------------------------------------------------------- main measurement
-def measure(args) -> dict:
-    commit = git_commit()  # the code that measures: read now, not when the hours of MD are over
+def measure_errors(model, model_path, meta, tr, frames, split, note) -> dict:
+    """Test and valid errors in float64 (metrics and per frame), and the float32 check that the
+    recomputed split reproduces the training-time metrics."""
     import numpy as np
     import torch
 
-    from se3set_ase import __version__
-    from se3set_ase.data import read_frames, split_indices
-    from se3set_ase.model import load_model
-    from se3set_ase.registry import resolve_model
     from se3set_ase.fragment import Fragmenter
+    from se3set_ase.model import load_model
     from se3set_ase.training.cache import build_graphs, training_fragmentations
     from se3set_ase.training.metrics import evaluate
 
-    torch.set_num_threads(args.threads)
-    model_path = resolve_model(args.name).resolve()
-    name = model_path.stem
-    model, meta = load_model(model_path, dtype=torch.float64, device="cpu")
-    tr = meta.get("training") or {}
-    if not tr:
-        sys.exit(f"{model_path}: no training metadata (not written by `se3set-ase fit`)")
-    cmd = tr.get("command") or ""
-    if "--valid-file" in cmd or "--test-file" in cmd:
-        sys.exit(f"{model_path}: trained with --valid-file/--test-file; this script recomputes splits of one file only")
-    data = Path(args.data).resolve()
-    meta_data = Path(tr["data"])
-    if meta_data.name != data.name:
-        sys.exit(f"--data {data} is not the file the model was trained on ({tr['data']})")
-    note = print if args.verbose else (lambda *a, **k: None)
-    note(f"[card] {name}: reading {data}")
-    frames = read_frames(data)
-    n = len(frames)
-    fr = tr["frames"]
-    seed = int(tr["seed"])
-    # prepare_data: split_indices(len(frames), train=_num(train), valid=_num(valid), test=_num(test), seed)
-    # with the sizes it resolved; the metadata stores those resolved counts, and split_indices only
-    # depends on the counts and the seed (train = perm[:a], valid = perm[a:b], test = perm[b:b+k]).
-    block = int(tr.get("split_block", 1))
-    split = split_indices(n, train=int(fr["train"]), valid=int(fr["valid"]), test=int(fr["test"]), seed=seed,
-                          block=block)
-    kind = data_kind(data, frames)
-    temperature = args.temperature if args.temperature is not None else kind["temperature_K"]
-    if temperature is None:
-        sys.exit("the data file records no temperature: pass --temperature K")
-
-    # ---- errors (float64) on test and valid, and float32 check against the training metadata
     settings = model.config.fragment
     # the hypergraphs training used: the model's pinned fragmentations, or (model files from before
     # pinning) what training froze, the first frame of each topology in the data file
@@ -469,6 +582,77 @@ def measure(args) -> dict:
             print(f"WARNING: recomputed {ref_set} force MAE {m32['forces_mae_meV_A']:.4f} != metadata "
                   f"{ref:.4f} meV/Å: the split or data differ from training", file=sys.stderr)
 
+    return {"errors": errors, "per_frame": per_frame, "split_check": split_check}
+
+
+def measure(args) -> dict:
+    commit = git_commit()  # the code that measures: read now, not when the hours of MD are over
+    import torch
+
+    from se3set_ase.data import read_frames, split_indices
+    from se3set_ase.model import load_model
+    from se3set_ase.registry import resolve_model
+
+    torch.set_num_threads(args.threads)
+    model_path = resolve_model(args.name).resolve()
+    name = model_path.stem
+    model, meta = load_model(model_path, dtype=torch.float64, device="cpu")
+    tr = meta.get("training") or {}
+    if not tr:
+        sys.exit(f"{model_path}: no training metadata (not written by `se3set-ase fit`)")
+    cmd = tr.get("command") or ""
+    if "--valid-file" in cmd or "--test-file" in cmd:
+        sys.exit(f"{model_path}: trained with --valid-file/--test-file; this script recomputes splits of one file only")
+    data = Path(args.data).resolve()
+    meta_data = Path(tr["data"])
+    if meta_data.name != data.name:
+        sys.exit(f"--data {data} is not the file the model was trained on ({tr['data']})")
+    note = print if args.verbose else (lambda *a, **k: None)
+    note(f"[card] {name}: reading {data}")
+    frames = read_frames(data)
+    n = len(frames)
+    fr = tr["frames"]
+    seed = int(tr["seed"])
+    # prepare_data: split_indices(len(frames), train=_num(train), valid=_num(valid), test=_num(test), seed)
+    # with the sizes it resolved; the metadata stores those resolved counts, and split_indices only
+    # depends on the counts and the seed (train = perm[:a], valid = perm[a:b], test = perm[b:b+k]).
+    block = int(tr.get("split_block", 1))
+    split = split_indices(n, train=int(fr["train"]), valid=int(fr["valid"]), test=int(fr["test"]), seed=seed,
+                          block=block)
+    kind = data_kind(data, frames)
+    temperature = args.temperature if args.temperature is not None else kind["temperature_K"]
+    if temperature is None:
+        sys.exit("the data file records no temperature: pass --temperature K")
+
+    # ---- errors (float64) on test and valid, and float32 check against the training metadata
+    key = {"card_version": CARD_VERSION, "model_sha256": sha256(model_path), "data_sha256": sha256(data),
+           **{k: getattr(args, k) for k in ("temperature", "langevin_ps", "nve_ps", "dt_fs", "seed", "threads",
+                                             "timing_calls", "langevin_dtype", "compile", "quick")}}
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    progress = Progress(out_dir / f"{name}.card-progress", key, 60 * args.save_every_minutes,
+                        None if args.max_time is None else 60 * args.max_time)
+    if progress.resumed:
+        note(f"[card] resuming from {progress.path} (done: {', '.join(progress.data['phases']) or 'nothing'}; "
+             f"in flight: {', '.join(progress.data['inflight']) or 'nothing'})")
+    progress.data["runs"].append({"git_commit": commit, "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    with progress:
+        return _measure(args, progress, model, model_path, name, meta, tr, data, frames, n, fr, seed, block, split,
+                        kind, temperature, note)
+
+
+def _measure(args, progress, model, model_path, name, meta, tr, data, frames, n, fr, seed, block, split, kind,
+             temperature, note) -> dict:
+    import numpy as np
+    import torch
+
+    from se3set_ase import __version__
+
+    if progress.phase("errors") is None:
+        progress.finish("errors", measure_errors(model, model_path, meta, tr, frames, split, note))
+    errors, per_frame, split_check = (progress.phase("errors")[k] for k in ("errors", "per_frame", "split_check"))
+    meta_metrics = meta.get("metrics", {})
+
     # ---- data facts
     comps = sorted({"".join(f"{z}:{c}," for z, c in zip(*np.unique(f.numbers, return_counts=True))) for f in frames})
     from ase.data import chemical_symbols
@@ -479,17 +663,22 @@ def measure(args) -> dict:
     # ---- dynamics, timing, FD from the first test frame
     start_idx = int(split["test"][0]) if len(split["test"]) else int(split["valid"][0])
     start = frames[start_idx]
-    note(f"[card] Langevin {args.langevin_ps} ps at {temperature} K")
-    lang = run_langevin(model_path, start, float(temperature), args.langevin_ps, args.dt_fs, args.seed, args.compile,
-                        args.langevin_dtype)
-    note(f"[card] NVE {args.nve_ps} ps")
-    nve = run_nve(model_path, start, args.nve_ps, args.dt_fs, args.seed, args.compile)
+    if progress.phase("langevin") is None:
+        note(f"[card] Langevin {args.langevin_ps} ps at {temperature} K")
+        progress.finish("langevin", run_langevin(model_path, start, float(temperature), args.langevin_ps, args.dt_fs,
+                                                 args.seed, args.compile, args.langevin_dtype, progress))
+    lang = progress.phase("langevin")
+    if progress.phase("nve") is None:
+        note(f"[card] NVE {args.nve_ps} ps")
+        progress.finish("nve", run_nve(model_path, start, args.nve_ps, args.dt_fs, args.seed, args.compile, progress))
+    nve = progress.phase("nve")
     note("[card] timing and finite differences")
     timing = time_calls(model_path, start, args.timing_calls, args.compile)
     timing["torch_num_threads"] = torch.get_num_threads()
     timing["cpu"] = cpu_name()
     timing["n_atoms"] = len(start)
     fd = fd_check(model_path, start, args.seed)
+    runs = progress.data["runs"]
 
     # ---- limits
     mol = kind["molecule"]
@@ -533,8 +722,9 @@ def measure(args) -> dict:
         "limits": {"sgdml_2018_target": target, "md17_energy_label_noise_meV": MD17_ENERGY_NOISE_MEV
                    if kind["kind"] == "md17" else None},
         "card": {"quick": bool(args.quick), "seed": args.seed, "threads": args.threads,
-                 "command": "python models/make_card.py " + " ".join(sys.argv[1:]),
-                 "se3set_ase_version": __version__, "git_commit": commit, "torch_version": torch.__version__,
+                 "command": "python models/make_card.py " + " ".join(args.argv),
+                 "se3set_ase_version": __version__, "git_commit": runs[0]["git_commit"], "torch_version": torch.__version__,
+                 **({"runs": runs} if len(runs) > 1 else {}),
                  "host": {"cpu": cpu_name(), "platform": platform.platform(), "python": platform.python_version()},
                  "generated_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
         "machine_dependent": MACHINE_DEPENDENT,
@@ -631,6 +821,10 @@ def render_card(c: dict) -> str:
         f"marked *(machine-dependent)*: timings and wall times"
         + (" (the MD runs are chaotic: bit-identical only with the same code and torch build)."
            if c["card"].get("git_commit") else "."), "",
+        *([f"Measured in {len(c['card']['runs'])} runs of that command, each continuing the saved progress of "
+           f"the one before (resumed runs give the figures of an unbroken one): started "
+           + ", ".join(f"{r['started_utc']} at `{r['git_commit']}`" for r in c["card"]["runs"]) + ".", ""]
+          if c["card"].get("runs") else []),
         "## Model", "",
         f"- file `{c['model']['file']}` (sha256 `{c['model']['sha256'][:16]}…`), elements {', '.join(c['model']['elements'])}",
         f"- preset `{t['preset']}`, {_fmt_int(t['parameters'])} parameters",
@@ -800,8 +994,13 @@ def main(argv=None) -> int:
     p.add_argument("--readme-only", action="store_true", help="only regenerate OUT_DIR/README.md from OUT_DIR/*.json")
     p.add_argument("--render-only", action="store_true",
                    help="regenerate every OUT_DIR/NAME.md and README.md from the JSON cards (no measuring)")
+    p.add_argument("--save-every-minutes", type=float, default=10.0,
+                   help="save the MD in flight to OUT_DIR/NAME.card-progress this often (and on SIGTERM)")
+    p.add_argument("--max-time", type=float, metavar="MIN",
+                   help="stop after MIN minutes, saving the progress; the same command continues it")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     out_dir = Path(args.out_dir)
     if args.render_only:
         for card in load_cards(out_dir):
@@ -818,12 +1017,17 @@ def main(argv=None) -> int:
         args.nve_ps = min(args.nve_ps, 0.025)
         args.timing_calls = min(args.timing_calls, 5)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    card = measure(args)
+    try:
+        card = measure(args)
+    except Stopped as exc:
+        print(exc)
+        return 3
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{card['name']}.json").write_text(json.dumps(card, indent=1) + "\n")
     text = render_card(card)
     (out_dir / f"{card['name']}.md").write_text(text)
     write_readme(out_dir)
+    (out_dir / f"{card['name']}.card-progress").unlink(missing_ok=True)
     print(text)
     print(f"wrote {out_dir / (card['name'] + '.json')}, {out_dir / (card['name'] + '.md')}, {out_dir / 'README.md'}")
     return 0
