@@ -128,6 +128,61 @@ def test_dha_md22_groups():
     assert c == Counter({"C2H2": 6, "C1H2": 8, "C1H3": 1, "C1H1O2": 1})
 
 
+def _catcher() -> Atoms:
+    return ase.io.read(Path(__file__).parent.parent / "se3set_ase" / "data" / "geometries" / "buckyball-catcher.xyz")
+
+
+def test_large_ring_systems_cut_into_connected_chunks():
+    """The catcher is two ring systems (C60, C60H28): one hyperedge each by the published rule;
+    with max_ring_system_atoms=12 every group has at most 12 atoms, groups partition the atoms,
+    each is connected by bonds, hydrogens stay with their carbon, and the hypergraph builds."""
+    import dataclasses
+
+    atoms = _catcher()
+    whole = fragment(atoms.numbers, atoms.positions, settings=MD22)
+    assert sorted(len(k) for k in whole.kernels) == [60, 88]
+    cut_settings = dataclasses.replace(MD22, max_ring_system_atoms=12)
+    cut = fragment(atoms.numbers, atoms.positions, settings=cut_settings)
+    assert max(len(g) for g in cut.groups) <= 12 and len(cut.groups) >= 148 // 12
+    assert sorted(a for g in cut.groups for a in g) == list(range(len(atoms)))
+    pairs = {tuple(sorted(p)) for p in cut.topology.pairs()}
+    group_of = {a: k for k, g in enumerate(cut.groups) for a in g}
+    for g in cut.groups:  # connected: a spanning search inside the group reaches all its atoms
+        seen, todo = {g[0]}, [g[0]]
+        while todo:
+            a = todo.pop()
+            for b in g:
+                if b not in seen and tuple(sorted((a, b))) in pairs:
+                    seen.add(b)
+                    todo.append(b)
+        assert seen == set(g)
+    for i, j in pairs:
+        if 1 in (atoms.numbers[i], atoms.numbers[j]):
+            assert group_of[i] == group_of[j]
+    hg_whole = Fragmenter(settings=MD22)(atoms)
+    hg_cut = Fragmenter(settings=cut_settings)(atoms)
+    assert hg_cut.num_hyperedges == len(cut.kernels) > 2
+    assert hg_cut.v2e_src.numel() < hg_whole.v2e_src.numel() / 2  # 7164 against 18296 pairs
+    assert FragmentSettings.from_dict(cut_settings.to_dict()) == cut_settings
+
+
+@pytest.mark.parametrize("name", ["aspirin", "dha", "ac_ala3_nhme"])
+def test_ring_system_limit_leaves_ordinary_molecules_alone(name):
+    """Ring systems within the limit (benzene C6H4 here) stay whole: same groups as published."""
+    import dataclasses
+
+    atoms = read(name)
+    for base in (MD17, MD22):
+        a = fragment(atoms.numbers, atoms.positions, settings=base)
+        b = fragment(atoms.numbers, atoms.positions, settings=dataclasses.replace(base, max_ring_system_atoms=12))
+        assert a.groups == b.groups and a.kernels == b.kernels
+
+
+def test_ring_system_limit_validated():
+    with pytest.raises(ValueError, match="max_ring_system_atoms"):
+        FragmentSettings(max_ring_system_atoms=0)
+
+
 # --------------------------------------------------------------------------- tensors
 
 

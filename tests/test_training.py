@@ -365,3 +365,19 @@ def test_cache_not_written_into_read_only_data_folder(tmp_path, monkeypatch):
         assert cache_path(data / "x.extxyz", "k").parent == tmp_path / "xdg" / "se3set_ase" / "hypergraphs"
     finally:
         data.chmod(0o755)
+
+
+def test_max_ring_system_atoms_reaches_the_model_settings(data_file):
+    """`fit --max-ring-system-atoms N`: the fragment settings (stored in the model) carry N."""
+    import argparse
+
+    from se3set_ase.training.cli import add_arguments, config_from_args
+    from se3set_ase.training.loop import _fragment_settings
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    cfg = config_from_args(p.parse_args([str(data_file), "--max-ring-system-atoms", "12", "--fragment", "md22"]))
+    assert cfg.max_ring_system_atoms == 12
+    s = _fragment_settings(cfg, 148)
+    assert s.max_ring_system_atoms == 12 and s.mode == "implicit"
+    assert _fragment_settings(config_from_args(p.parse_args([str(data_file)])), 9).max_ring_system_atoms is None

@@ -31,6 +31,9 @@ class FragmentSettings:
     - ``implicit_rc`` / ``switch_width``: cut-off (Å) of the implicit cross tokens and the width
       of the smooth switch the model applies (:func:`se3set_ase.hypergraph.token_weights`).
     - ``connectivity_only``: skip bond-order perception (all bonds single).
+    - ``max_ring_system_atoms``: None (published) keeps every ring system one group; an integer
+      cuts larger ones (fullerenes, nanotubes) into connected chunks of at most that many atoms
+      (:mod:`se3set_ase.fragment.groups`).
     """
 
     mode: str = "explicit"
@@ -43,6 +46,7 @@ class FragmentSettings:
     implicit_rc: float = 4.0
     switch_width: float = 1.0
     connectivity_only: bool = False
+    max_ring_system_atoms: int | None = None
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -51,6 +55,8 @@ class FragmentSettings:
             raise ValueError(f"bo_method must be one of {BO_METHODS}, got {self.bo_method!r}")
         if self.min_kernel_atoms < 0 or self.max_kernel_atoms < 1:
             raise ValueError("min_kernel_atoms must be >= 0 and max_kernel_atoms >= 1")
+        if self.max_ring_system_atoms is not None and self.max_ring_system_atoms < 1:
+            raise ValueError(f"max_ring_system_atoms must be None or >= 1, got {self.max_ring_system_atoms}")
         if not (self.implicit_rc > 0 and 0 < self.switch_width <= self.implicit_rc):
             raise ValueError("need implicit_rc > 0 and 0 < switch_width <= implicit_rc")
 
@@ -159,7 +165,7 @@ def fragment_topology(topo: Topology, positions, settings: FragmentSettings,
     r = np.asarray(positions, dtype=np.float64)
     mol = topology_mol(topo)
     ranks = canonical_ranks(topo, mol)
-    groups = find_groups(topo, ranks, settings.topo_bo_threshold, mol)
+    groups = find_groups(topo, ranks, settings.topo_bo_threshold, mol, settings.max_ring_system_atoms)
     if d is None:
         d = distance_matrix(r)
     bo = bond_order_matrix(topo.numbers, r, settings.bo_method, d=d)

@@ -8,6 +8,18 @@ every FG that contains a ring-system atom. Groups are the connected components. 
 circumferential cycles have so many equivalents that RDKit runs out of memory. The ring systems
 made of the small rings are the same either way for every molecule in the tests.)
 
+Large fused ring systems (optional, ``max_ring_system_atoms``; off in the published settings):
+fullerenes, nanotubes and graphene sheets are one ring system, so the published rules make each a
+single hyperedge (the buckyball catcher: two hyperedges of 60 and 88 atoms, 18 296 intra-hyperedge
+pairs; the double-walled nanotube: 210 and 160 atoms, 136 530 pairs), whose cost and memory grow
+with the square of its size. With a limit L, a ring system whose atoms and their hydrogens number
+more than L is cut into connected chunks of at most L atoms (hydrogens included) instead: seeds in
+canonical-rank order, each chunk grown breadth-first over the system's bonds (neighbours in rank
+order). Bonds inside such a system are then not unioned for their Kekulé order either (the Kekulé
+structure is arbitrary, and its double bonds would join the chunks again); bonds to H still are.
+Where RDKit has to break rank ties (a symmetric C60), the chunks depend on the input atom order up
+to a symmetry of the molecule.
+
 FG union decision: the reference also meant to union FGs *joined by a bond*, but its step is
 half-broken (it always takes one fixed end of a bond as the neighbour, so it acts on an arbitrary,
 atom-order-dependent subset). We do not reproduce it: two FGs are joined only when they share an
@@ -157,21 +169,70 @@ def ring_systems(mol, max_ring_size: int = MAX_RING_SIZE) -> list[set[int]]:
     return [set(c) for c in uf.components(n) if in_ring[c[0]]]
 
 
+def split_ring_system(system: set[int], neighbours: list[list[int]], hydrogens: list[int], ranks: np.ndarray,
+                      limit: int) -> list[list[int]]:
+    """Cut a ring system into connected chunks of at most ``limit`` atoms counting each atom's
+    hydrogens (``hydrogens[a]``): seeds in canonical-rank order, breadth-first growth over bonds
+    inside the system, neighbours in rank order. An atom whose hydrogens alone exceed the limit
+    is a chunk of its own."""
+    free = set(system)
+    chunks = []
+    for seed in sorted(system, key=lambda a: ranks[a]):
+        if seed not in free:
+            continue
+        free.discard(seed)
+        chunk, size, queue = [seed], 1 + hydrogens[seed], [seed]
+        while queue:
+            a = queue.pop(0)
+            for b in sorted((b for b in neighbours[a] if b in free), key=lambda b: ranks[b]):
+                if size + 1 + hydrogens[b] <= limit:
+                    free.discard(b)
+                    chunk.append(b)
+                    queue.append(b)
+                    size += 1 + hydrogens[b]
+        chunks.append(chunk)
+    return chunks
+
+
 def find_groups(topo: Topology, ranks: np.ndarray, topo_bo_threshold: float = 1.0,
-                mol=None) -> tuple[tuple[int, ...], ...]:
+                mol=None, max_ring_system_atoms: int | None = None) -> tuple[tuple[int, ...], ...]:
     """Groups as tuples of atom indices (members sorted by canonical rank), ordered by size
-    (largest first), then by the smallest canonical rank of their atoms."""
+    (largest first), then by the smallest canonical rank of their atoms.
+
+    ``max_ring_system_atoms``: cut larger ring systems into chunks (module docstring); None: the
+    published rule, every ring system one group."""
     mol = topology_mol(topo) if mol is None else mol
     n = topo.num_atoms
     uf = _UnionFind(n)
     z = topo.numbers
+    systems = ring_systems(mol)
+    split_atoms: set[int] = set()
+    if max_ring_system_atoms is not None:
+        neighbours: list[list[int]] = [[] for _ in range(n)]
+        hydrogens = [0] * n
+        for i, j, _ in topo.bonds:
+            neighbours[i].append(j)
+            neighbours[j].append(i)
+            if z[i] == 1 and z[j] != 1:
+                hydrogens[j] += 1
+            elif z[j] == 1 and z[i] != 1:
+                hydrogens[i] += 1
+        whole, chunks = [], []
+        for ring in systems:
+            if len(ring) + sum(hydrogens[a] for a in ring) > max_ring_system_atoms:
+                split_atoms |= ring
+                chunks += [set(c) for c in split_ring_system(ring, neighbours, hydrogens, ranks,
+                                                             max_ring_system_atoms)]
+            else:
+                whole.append(ring)
+        systems = whole + chunks
     for i, j, o in topo.bonds:
-        if o > topo_bo_threshold or z[i] == 1 or z[j] == 1:
+        if z[i] == 1 or z[j] == 1 or (o > topo_bo_threshold and not (i in split_atoms and j in split_atoms)):
             uf.union(i, j)
     fgs = functional_groups(mol)
     for fg in fgs:
         uf.union_all(sorted(fg))
-    for ring in ring_systems(mol):
+    for ring in systems:
         uf.union_all(sorted(ring))
         for fg in fgs:
             if fg & ring:

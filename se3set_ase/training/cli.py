@@ -47,6 +47,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="small", choices=ModelConfig.preset_names())
     p.add_argument("--model", default="{}", help='JSON overrides of the model config, e.g. \'{"num_blocks": 4}\'')
     p.add_argument("--fragment", default="auto", choices=["auto", "md17", "md22"])
+    p.add_argument("--max-ring-system-atoms", type=int, metavar="N",
+                   help="cut fused ring systems of more than N atoms (hydrogens included) into connected "
+                        "chunks of at most N: fullerenes and nanotubes are otherwise one hyperedge each, "
+                        "with a cost quadratic in its size (default: the published rule, never cut)")
     p.add_argument("--element-energies", help='JSON {"1": -13.6, "6": -1029.0} in eV; default least squares')
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--device", default="auto")
@@ -84,7 +88,8 @@ def config_from_args(args: argparse.Namespace):
         valid_file=args.valid_file, test_file=args.test_file, extra_train=list(args.extra_train), energy_key=args.energy_key,
         forces_key=args.forces_key, train_size=args.train_size, valid_size=args.valid_size,
         test_size=args.test_size, split_block=args.split_block, preset=args.preset, model_overrides=json.loads(args.model),
-        fragment=args.fragment, element_energies={int(k): float(v) for k, v in e_ref.items()} if e_ref else None,
+        fragment=args.fragment, max_ring_system_atoms=args.max_ring_system_atoms,
+        element_energies={int(k): float(v) for k, v in e_ref.items()} if e_ref else None,
         dtype=args.dtype, device=args.device, epochs=TrainConfig.epochs if args.epochs is None else args.epochs, max_steps=args.max_steps,
         batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
         schedule=args.schedule, weight_decay=args.weight_decay, ema_decay=args.ema_decay,

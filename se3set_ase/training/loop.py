@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import logging
 import math
 import os
@@ -65,6 +66,7 @@ class TrainConfig:
     preset: str = "small"
     model_overrides: dict[str, Any] = field(default_factory=dict)
     fragment: str = "auto"  # "md17" (explicit), "md22" (implicit) or "auto" (md17 up to 25 atoms)
+    max_ring_system_atoms: int | None = None  # cut larger ring systems (fullerenes, nanotubes); None: published
     element_energies: dict[int, float] | None = None  # given reference energies (eV); else least squares
     dtype: str = "float32"
     device: str = "auto"
@@ -255,7 +257,7 @@ def _fragment_settings(cfg: TrainConfig, n_atoms: int) -> FragmentSettings:
     name = cfg.fragment
     if name == "auto":
         name = "md17" if n_atoms <= 25 else "md22"
-    return FragmentSettings.preset(name)
+    return dataclasses.replace(FragmentSettings.preset(name), max_ring_system_atoms=cfg.max_ring_system_atoms)
 
 
 def _source_path(spec: str) -> str:
