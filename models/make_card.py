@@ -536,6 +536,31 @@ def fd_check(model_path, frame, seed, n_comp=6):
 
 
 # ----------------------------------------------------------------------------- main measurement
+def fragmentation_facts(model, frame) -> dict:
+    """The model's fragment settings and the hypergraph of ``frame`` (its pinned fragmentation)."""
+    from se3set_ase.fragment import Fragmenter
+
+    fr = Fragmenter.for_model(model)
+    atoms = frame_atoms(frame)
+    hg = fr(atoms)
+    kernels = fr.fragmentation(atoms).kernels
+    return {"settings": model.config.fragment.to_dict(), "start_frame_hyperedges": int(hg.num_hyperedges),
+            "start_frame_kernel_sizes": sorted((len(k) for k in kernels), reverse=True),
+            "start_frame_tokens": int(hg.num_tokens), "start_frame_member_pairs": int(hg.v2e_src.numel())}
+
+
+def fragmentation_line(f: dict) -> str:
+    st = f["settings"]
+    cut = st.get("max_ring_system_atoms")
+    sizes = f["start_frame_kernel_sizes"]
+    shown = ", ".join(map(str, sizes[:12])) + (", …" if len(sizes) > 12 else "")
+    return (f"- fragmentation: {st['mode']} ({st['bo_method']}, kernels of at most {st['max_kernel_atoms']} atoms"
+            + (f", r_c {st['implicit_rc']} Å" if st["mode"] == "implicit" else "")
+            + (f"; ring systems of more than {cut} atoms cut into chunks" if cut else "; ring systems whole, as published")
+            + f"); the start frame has {f['start_frame_hyperedges']} hyperedges (kernel sizes {shown}), "
+            f"{f['start_frame_tokens']} tokens and {_fmt_int(f['start_frame_member_pairs'])} member pairs")
+
+
 def measure_errors(model, model_path, meta, tr, frames, split, note) -> dict:
     """Test and valid errors in float64 (metrics and per frame), and the float32 check that the
     recomputed split reproduces the training-time metrics."""
@@ -719,6 +744,7 @@ def _measure(args, progress, model, model_path, name, meta, tr, data, frames, n,
         "nve": {**nve, "start_frame": start_idx},
         "timing": timing,
         "fd": {**fd, "start_frame": start_idx},
+        "fragmentation": fragmentation_facts(model, start),
         "limits": {"sgdml_2018_target": target, "md17_energy_label_noise_meV": MD17_ENERGY_NOISE_MEV
                    if kind["kind"] == "md17" else None},
         "card": {"quick": bool(args.quick), "seed": args.seed, "threads": args.threads,
@@ -828,6 +854,7 @@ def render_card(c: dict) -> str:
         "## Model", "",
         f"- file `{c['model']['file']}` (sha256 `{c['model']['sha256'][:16]}…`), elements {', '.join(c['model']['elements'])}",
         f"- preset `{t['preset']}`, {_fmt_int(t['parameters'])} parameters",
+        *([fragmentation_line(c["fragmentation"])] if c.get("fragmentation") else []),
         *([PRESET_NOTE[t["preset"]]] if t["preset"] in PRESET_NOTE else []),
         *([note] if (note := paper_note(c["name"], t["preset"])) else []),
         f"- usage: `SE3SetCalculator(\"{c['model']['file']}\")` (eV, Å, eV/Å)", "",

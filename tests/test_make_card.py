@@ -63,6 +63,10 @@ def test_card_resumed_twice_equals_unbroken_run(trained, tmp_path, monkeypatch):
     unbroken = json.loads((tmp_path / "a" / "model.json").read_text())
     assert unbroken["langevin"]["steps_done"] == 20 and unbroken["nve"]["steps"] == 20
     assert "runs" not in unbroken["card"]
+    frag = unbroken["fragmentation"]
+    assert frag["settings"]["max_ring_system_atoms"] is None and frag["start_frame_hyperedges"] >= 1
+    assert sum(frag["start_frame_kernel_sizes"]) == unbroken["data"]["n_atoms"]
+    assert "- fragmentation: " in (tmp_path / "a" / "model.md").read_text()
     assert not (tmp_path / "a" / "model.card-progress").exists()
 
     real = SE3SetCalculator.calculate
