@@ -16,7 +16,8 @@ with the square of its size. With a limit L, a ring system whose atoms and their
 more than L is cut into connected chunks of at most L atoms (hydrogens included) instead: seeds in
 canonical-rank order, each chunk grown breadth-first over the system's bonds (neighbours in rank
 order). Bonds inside such a system are then not unioned for their Kekulé order either (the Kekulé
-structure is arbitrary, and its double bonds would join the chunks again); bonds to H still are.
+structure is arbitrary, and its double bonds would join the chunks again); bonds to H still are,
+and a functional group joins the chunk(s) it touches (a group can then exceed L).
 Where RDKit has to break rank ties (a symmetric C60), the chunks depend on the input atom order up
 to a symmetry of the molecule.
 
