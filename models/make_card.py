@@ -557,7 +557,8 @@ def fragmentation_line(f: dict) -> str:
     return (f"- fragmentation: {st['mode']} ({st['bo_method']}, kernels of at most {st['max_kernel_atoms']} atoms"
             + (f", r_c {st['implicit_rc']} Å" if st["mode"] == "implicit" else "")
             + (f"; ring systems of more than {cut} atoms cut into chunks" if cut else "; ring systems whole, as published")
-            + f"); the start frame has {f['start_frame_hyperedges']} hyperedges (kernel sizes {shown}), "
+            + f"); the start frame has {f['start_frame_hyperedges']} hyperedge"
+            + ("s" if f["start_frame_hyperedges"] != 1 else "") + f" (kernel sizes {shown}), "
             f"{f['start_frame_tokens']} tokens and {_fmt_int(f['start_frame_member_pairs'])} member pairs")
 
 
