@@ -295,13 +295,28 @@ class Progress:
                               "rerun the same command to continue")
 
 
-def _prime(calc, frame) -> None:
-    """One call at the start frame: a resumed run's calculator then holds the start's bonds for its
-    hysteresis, as the unbroken run's did (while the run is stable its bonds equal those, see
-    ``bond_set(previous=...)``)."""
-    atoms = frame_atoms(frame)
+def _start_or_restore(atoms, calc, frame, snap: dict | None, temperature: float, seed: int) -> None:
+    """Put ``calc`` on ``atoms`` with the MD's initial state. Fresh (``snap`` None): seeded
+    Maxwell-Boltzmann velocities at ``temperature``, no net momentum or rotation. Resumed: the
+    saved positions and momenta, exactly (no constraint applied), after one call of ``calc`` at the
+    start ``frame``: the calculator then holds the start's bonds for its hysteresis, as the unbroken
+    run's did (while the run is stable its bonds equal those, see ``bond_set(previous=...)``)."""
+    import numpy as np
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
+
+    if snap is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=np.random.default_rng(seed))
+        Stationary(atoms)
+        ZeroRotation(atoms)
+    else:
+        start = frame_atoms(frame)
+        start.calc = calc
+        start.get_forces()
+        atoms.positions = np.array(snap["positions"])
+        atoms.set_momenta(np.array(snap["momenta"]), apply_constraint=False)
     atoms.calc = calc
-    atoms.get_forces()
 
 
 # ----------------------------------------------------------------------------- measurements
@@ -313,7 +328,6 @@ def run_langevin(model_path, frame, temperature, ps, dt_fs, seed, compile=False,
     from ase import units
     from ase.constraints import FixCom
     from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
 
     import torch
     from se3set_ase import SE3SetCalculator
@@ -323,19 +337,9 @@ def run_langevin(model_path, frame, temperature, ps, dt_fs, seed, compile=False,
     calc = SE3SetCalculator(model_path, device="cpu", dtype=getattr(torch, dtype), compile=compile)
     bonds0 = bond_set(atoms.numbers, atoms.positions)
     snap = progress.md("langevin") if progress else None
-    if snap is None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=np.random.default_rng(seed))
-        Stationary(atoms)
-        ZeroRotation(atoms)
-        start, temps, wall0 = 0, [], 0.0
-    else:
-        _prime(calc, frame)
-        atoms.positions = np.array(snap["positions"])
-        atoms.set_momenta(np.array(snap["momenta"]), apply_constraint=False)
-        start, temps, wall0 = snap["step"], list(snap["temperatures"]), snap["wall_time_s"]
-    atoms.calc = calc
+    _start_or_restore(atoms, calc, frame, snap, temperature, seed)
+    start, temps, wall0 = (0, [], 0.0) if snap is None else (snap["step"], list(snap["temperatures"]),
+                                                               snap["wall_time_s"])
     n_steps = int(round(ps * 1000 / dt_fs))
     atoms.set_constraint(FixCom())  # centre of mass fixed (ASE's replacement for Langevin(fixcm=True))
     rng = np.random.default_rng(seed + 1)
@@ -388,7 +392,6 @@ def run_nve(model_path, frame, ps, dt_fs, seed, compile=False, progress: Progres
     resumable through ``progress`` (phase ``nve``)."""
     import numpy as np
     from ase import units
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
     from ase.md.verlet import VelocityVerlet
 
     import torch
@@ -399,17 +402,7 @@ def run_nve(model_path, frame, ps, dt_fs, seed, compile=False, progress: Progres
     calc = SE3SetCalculator(model_path, device="cpu", dtype=torch.float64, compile=compile)
     bonds0 = bond_set(atoms.numbers, atoms.positions)
     snap = progress.md("nve") if progress else None
-    if snap is None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            MaxwellBoltzmannDistribution(atoms, temperature_K=300.0, rng=np.random.default_rng(seed))
-        Stationary(atoms)
-        ZeroRotation(atoms)
-    else:
-        _prime(calc, frame)
-        atoms.positions = np.array(snap["positions"])
-        atoms.set_momenta(np.array(snap["momenta"]))
-    atoms.calc = calc
+    _start_or_restore(atoms, calc, frame, snap, 300.0, seed)
     n_steps = int(round(ps * 1000 / dt_fs))
     dyn = VelocityVerlet(atoms, timestep=dt_fs * units.fs)
     if snap is None:

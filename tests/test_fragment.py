@@ -128,17 +128,15 @@ def test_dha_md22_groups():
     assert c == Counter({"C2H2": 6, "C1H2": 8, "C1H3": 1, "C1H1O2": 1})
 
 
-def _catcher() -> Atoms:
-    return ase.io.read(Path(__file__).parent.parent / "se3set_ase" / "data" / "geometries" / "buckyball-catcher.xyz")
-
-
 def test_large_ring_systems_cut_into_connected_chunks():
     """The catcher is two ring systems (C60, C60H28): one hyperedge each by the published rule;
     with max_ring_system_atoms=12 every group has at most 12 atoms, groups partition the atoms,
     each is connected by bonds, hydrogens stay with their carbon, and the hypergraph builds."""
     import dataclasses
 
-    atoms = _catcher()
+    from se3set_ase.data.geometries import read_geometry
+
+    atoms = read_geometry("buckyball-catcher")
     whole = fragment(atoms.numbers, atoms.positions, settings=MD22)
     assert sorted(len(k) for k in whole.kernels) == [60, 88]
     cut_settings = dataclasses.replace(MD22, max_ring_system_atoms=12)
