@@ -206,7 +206,11 @@ def test_sigterm_stops_cleanly_and_resumes_exactly(data_file, tmp_path, monkeypa
     cfg = config(data_file, tmp_path / "b")
     result = fit(cfg)
     assert result["stopped"] == "SIGTERM" and result["steps"] == 5
-    assert "stopped by SIGTERM at step 5; continue with --resume" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "stopped by SIGTERM at step 5; continue with --resume" in printed
+    # pre-empted: the model is written at once, without the minutes of valid/test evaluation
+    assert result["metrics"] == {} and "were not measured" in printed
+    assert load_model(result["model"])[1]["training"]["stopped"] == "SIGTERM"
     assert signal.getsignal(signal.SIGTERM) is before
     assert torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)["state"]["step"] == 5
     monkeypatch.setattr(loop, "make_batch", real)

@@ -579,13 +579,22 @@ def _run(cfg: TrainConfig, ck: dict[str, Any] | None, out: Path, argv: list[str]
         ema.swap(model)
         final = model
     final.eval()
-    metrics = {"valid": evaluate(final, valid, 16, device, dtype)}
-    if test is not None and len(test):
-        metrics["test"] = evaluate(final, test, 16, device, dtype)
+    # A signal means a scheduler wants the machine back (SLURM kills 30 s after SIGTERM by
+    # default): write the model of the best weights at once and leave the valid/test evaluation,
+    # which takes minutes on large molecules, to the run that finishes.
+    pre_empted = bool(stopped) and stopped.startswith("SIG")
+    metrics: dict[str, Any] = {}
+    if not pre_empted:
+        metrics["valid"] = evaluate(final, valid, 16, device, dtype)
+        if test is not None and len(test):
+            metrics["test"] = evaluate(final, test, 16, device, dtype)
     result["metrics"] = metrics
     if rank == 0:
         write_reports(out, state["history"])
-        print(format_table(metrics))
+        if metrics:
+            print(format_table(metrics))
+        else:
+            print(f"{stopped}: the model's valid and test errors were not measured (the finished run measures them)")
         output = Path(cfg.output) if cfg.output else out / "model.pt"
         meta = {"training": {"data": data_info["source"], "command": state["commands"][0],
                              "commands": state["commands"],  # the first, then each --resume
