@@ -1,4 +1,4 @@
-"""Command line: `se3set-ase {info,fit,eval,sample,label}`. Argument parsing only; each subcommand
+"""Command line: `se3set-ase {info,models,fit,eval,sample,label}`. Argument parsing only; each subcommand
 calls one function of the package."""
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from . import __version__
 SUBCOMMANDS = {
     "info": ("se3set_ase.info", "versions of the stack, CUDA and optional extras"),
     "fit": ("se3set_ase.training.cli", "train a model from a data file or a named dataset"),
+    "models": ("se3set_ase.catalogue", "the model files that names resolve to, with their test errors"),
     "eval": ("se3set_ase.training.evaluate", "errors of a model on a data file"),
     "sample": ("se3set_ase.data.sample", "GFN2-xTB reference frames of a molecule (Langevin MD)"),
     "label": ("se3set_ase.data.label", "GFN2-xTB energies and forces for given geometries"),

@@ -30,7 +30,7 @@ def test_version_and_info():
 
 def test_help_lists_subcommands():
     out = run("--help").stdout
-    for cmd in ("info", "fit", "eval", "sample"):
+    for cmd in ("info", "models", "fit", "eval", "sample"):
         assert cmd in out
 
 
@@ -58,3 +58,43 @@ def test_fit_missing_file_is_a_clear_error(tmp_path):
     assert proc.returncode != 0
     assert proc.returncode == 2
     assert "data file" in proc.stderr and "nope.extxyz" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_models_lists_what_each_name_resolves_to(tmp_path):
+    """`se3set-ase models`: every name with the file a calculator would load (the first folder in
+    the search order wins, later copies are listed as shadowed), its training facts and test
+    errors from the file's metadata; a corrupt file is listed with the reason, not skipped."""
+    import os
+
+    first, xdg = tmp_path / "first", tmp_path / "xdg"
+    user = xdg / "se3set_ase" / "models"
+    first.mkdir()
+    user.mkdir(parents=True)
+    torch.manual_seed(0)
+    model = SE3SetModel(ModelConfig.preset("tiny", elements=[1, 6, 8], fragment=FragmentSettings.preset("md17")))
+    meta = {"training": {"data": "runs/x/frames.extxyz", "preset": "tiny", "parameters": 1234,
+                         "frames": {"train": 40, "valid": 5, "test": 5}},
+            "metrics": {"test": {"forces_mae_meV_A": 12.345, "energy_mae_meV_per_atom": 0.678}}}
+    save_model(model, first / "mine.pt", meta)
+    save_model(model, user / "mine.pt")  # shadowed by $SE3SET_MODELS
+    (user / "broken.pt").write_bytes(b"not a model")
+    env = dict(os.environ, SE3SET_MODELS=str(first), XDG_DATA_HOME=str(xdg))
+    proc = subprocess.run([sys.executable, "-m", "se3set_ase.cli", "models", "--json"], capture_output=True,
+                          text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    entries = {e["name"]: e for e in json.loads(proc.stdout)}
+    mine = entries["mine.pt"]
+    assert mine["path"] == str(first / "mine.pt") and mine["shadowed"] == [str(user / "mine.pt")]
+    assert mine["elements"] == ["H", "C", "O"] and mine["preset"] == "tiny" and mine["train_frames"] == 40
+    assert mine["data"] == "frames.extxyz" and mine["test_forces_mae_meV_A"] == 12.345
+    assert "not a readable se3set-ase model file" in entries["broken.pt"]["error"]
+    # each name is listed with the file the calculator's lookup resolves it to
+    code = ("import json, sys; from se3set_ase.registry import resolve_model; "
+            "print(json.dumps({n: str(resolve_model(n)) for n in sys.argv[1:]}))")
+    resolved = json.loads(subprocess.run([sys.executable, "-c", code, *entries], capture_output=True, text=True,
+                                         env=env, check=True).stdout)
+    assert resolved == {n: e["path"] for n, e in entries.items()}
+    table = subprocess.run([sys.executable, "-m", "se3set_ase.cli", "models"], capture_output=True, text=True,
+                           env=env, check=True).stdout
+    assert f"mine.pt: {user / 'mine.pt'} is shadowed" in table and "broken.pt: " in table
+    assert "12.35" in table and "frames.extxyz (40)" in table
