@@ -295,12 +295,22 @@ class Progress:
                               "rerun the same command to continue")
 
 
+def _md_state(atoms, calc) -> dict:
+    """What a snapshot needs to continue the MD exactly: positions, momenta and, with a Verlet
+    skin (``compile=True`` sets one), where the calculator's cross-token list was built: extra
+    zero-weight tokens change the forces' rounding, and MD amplifies rounding."""
+    ref = calc.fragmenter.verlet_reference()
+    return {"positions": atoms.positions.tolist(), "momenta": atoms.get_momenta().tolist(),
+            "verlet_reference": None if ref is None else ref.tolist()}
+
+
 def _start_or_restore(atoms, calc, frame, snap: dict | None, temperature: float, seed: int) -> None:
     """Put ``calc`` on ``atoms`` with the MD's initial state. Fresh (``snap`` None): seeded
     Maxwell-Boltzmann velocities at ``temperature``, no net momentum or rotation. Resumed: the
     saved positions and momenta, exactly (no constraint applied), after one call of ``calc`` at the
     start ``frame``: the calculator then holds the start's bonds for its hysteresis, as the unbroken
-    run's did (while the run is stable its bonds equal those, see ``bond_set(previous=...)``)."""
+    run's did (while the run is stable its bonds equal those, see ``bond_set(previous=...)``), and
+    its cross-token list is rebuilt where the unbroken run's was (:func:`_md_state`)."""
     import numpy as np
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
 
@@ -314,6 +324,8 @@ def _start_or_restore(atoms, calc, frame, snap: dict | None, temperature: float,
         start = frame_atoms(frame)
         start.calc = calc
         start.get_forces()
+        if snap.get("verlet_reference") is not None:
+            calc.fragmenter.restore_verlet(np.array(snap["verlet_reference"]))
         atoms.positions = np.array(snap["positions"])
         atoms.set_momenta(np.array(snap["momenta"]), apply_constraint=False)
     atoms.calc = calc
@@ -352,8 +364,7 @@ def run_langevin(model_path, frame, temperature, ps, dt_fs, seed, compile=False,
     done = start
 
     def snapshot():
-        return {"step": done, "positions": atoms.positions.tolist(), "momenta": atoms.get_momenta().tolist(),
-                "rng_state": rng.bit_generator.state, "temperatures": temps,
+        return {"step": done, **_md_state(atoms, calc), "rng_state": rng.bit_generator.state, "temperatures": temps,
                 "wall_time_s": wall0 + time.perf_counter() - t0}
 
     with warnings.catch_warnings():
@@ -416,8 +427,7 @@ def run_nve(model_path, frame, ps, dt_fs, seed, compile=False, progress: Progres
     done = start
 
     def snapshot():
-        return {"step": done, "positions": atoms.positions.tolist(), "momenta": atoms.get_momenta().tolist(),
-                "e0": e0, "t": t, "e": e, "wall_time_s": wall0 + time.perf_counter() - t0}
+        return {"step": done, **_md_state(atoms, calc), "e0": e0, "t": t, "e": e, "wall_time_s": wall0 + time.perf_counter() - t0}
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -619,6 +629,9 @@ def measure(args) -> dict:
     tr = meta.get("training") or {}
     if not tr:
         sys.exit(f"{model_path}: no training metadata (not written by `se3set-ase fit`)")
+    if str(tr.get("stopped", "")).startswith("SIG"):
+        sys.exit(f"{model_path}: its training was pre-empted ({tr['stopped']}) and never evaluated; "
+                 "finish it with `se3set-ase fit ... --resume` first")
     cmd = tr.get("command") or ""
     if "--valid-file" in cmd or "--test-file" in cmd:
         sys.exit(f"{model_path}: trained with --valid-file/--test-file; this script recomputes splits of one file only")
@@ -691,6 +704,7 @@ def _measure(args, progress, model, model_path, name, meta, tr, data, frames, n,
         note(f"[card] NVE {args.nve_ps} ps")
         progress.finish("nve", run_nve(model_path, start, args.nve_ps, args.dt_fs, args.seed, args.compile, progress))
     nve = progress.phase("nve")
+    progress.check("the MD runs")  # a stop asked for now is honoured before minutes of compiling
     note("[card] timing and finite differences")
     timing = time_calls(model_path, start, args.timing_calls, args.compile)
     timing["torch_num_threads"] = torch.get_num_threads()

@@ -512,6 +512,56 @@ def test_verlet_skin_changes_no_energy_and_keeps_the_token_list():
     assert np.abs(plain.get_forces(a) - skinned.get_forces(a)).max() < 1e-9
 
 
+def test_restored_verlet_list_continues_a_trajectory_to_the_last_bit():
+    """A trajectory continued by a fresh calculator (make_card's resumed MD) gets the unbroken
+    run's forces to the last bit when the skin list is rebuilt where the unbroken run built it
+    (``Fragmenter.verlet_reference`` / ``restore_verlet``); left alone, the fresh calculator would
+    build its list elsewhere, and the extra zero-weight tokens change the rounding."""
+    import ase.io
+
+    from pathlib import Path
+
+    model = randomised(preset="md22")
+    a = ase.io.read(Path(__file__).parent / "data" / "dha.xyz")
+    rng = np.random.default_rng(2)
+    p0 = a.positions.copy()
+    b = a.copy()
+    b.rotate(20, "z", center="COM")  # outer atoms move > skin/2: the list is rebuilt
+    p1 = b.positions + rng.normal(scale=0.02, size=p0.shape)
+    p2 = p1 + rng.normal(scale=0.02, size=p0.shape)  # within skin/2 of p1, not of p0
+    assert np.linalg.norm(p1 - p0, axis=1).max() > 0.5 and np.linalg.norm(p2 - p1, axis=1).max() < 0.5
+
+    def forces(calc, r):
+        a.positions = r
+        return calc.get_forces(a).copy()
+
+    unbroken = SE3SetCalculator(model, device="cpu", skin=1.0)
+    forces(unbroken, p0)
+    assert np.array_equal(unbroken.fragmenter.verlet_reference(), p0)
+    forces(unbroken, p1)
+    ref = unbroken.fragmenter.verlet_reference()
+    assert np.array_equal(ref, p1)
+    f2 = forces(unbroken, p2)
+
+    resumed = SE3SetCalculator(model, device="cpu", skin=1.0)
+    forces(resumed, p0)  # primed at the start, as make_card does
+    resumed.fragmenter.restore_verlet(ref)
+    assert np.array_equal(forces(resumed, p2), f2)
+    assert resumed.fragmenter(a).num_tokens == unbroken.fragmenter(a).num_tokens
+
+    left_alone = SE3SetCalculator(model, device="cpu", skin=1.0)
+    forces(left_alone, p0)
+    f2_other = forces(left_alone, p2)
+    assert np.array_equal(left_alone.fragmenter.verlet_reference(), p2)  # built elsewhere
+    assert np.abs(f2_other - f2).max() < 1e-9 and not np.array_equal(f2_other, f2)  # same physics, other rounding
+
+    assert SE3SetCalculator(model, device="cpu", skin=0.0).fragmenter.verlet_reference() is None
+    with pytest.raises(RuntimeError, match="call the fragmenter"):
+        SE3SetCalculator(model, device="cpu", skin=1.0).fragmenter.restore_verlet(p0)
+    with pytest.raises(ValueError, match="shape"):
+        resumed.fragmenter.restore_verlet(p0[:3])
+
+
 def test_negative_skin_is_refused(model):
     with pytest.raises(ValueError, match="skin"):
         SE3SetCalculator(model, device="cpu", skin=-0.5)

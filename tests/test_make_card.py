@@ -107,3 +107,57 @@ def test_card_state_of_another_run_is_refused(trained, tmp_path, monkeypatch):
     assert list(state["phases"]) == ["errors"]
     with pytest.raises(SystemExit, match=r"made for another run \(differs in: seed\)"):
         mc.main(_args(model, data, tmp_path, "--seed", "4"))
+
+
+def test_resumed_md_rebuilds_the_skin_list_where_the_unbroken_run_had_it():
+    """With a Verlet skin (``--compile`` gives the calculator one) the snapshot records where the
+    cross-token list was built and the resumed calculator rebuilds it there, so the continued run's
+    forces equal the unbroken run's to the last bit (MD amplifies any rounding difference)."""
+    import ase.io
+    import numpy as np
+
+    from test_calculator import randomised
+
+    mc = _make_card()
+    model = randomised(preset="md22")
+    from types import SimpleNamespace
+
+    dha = ase.io.read(Path(__file__).parent / "data" / "dha.xyz")
+    frame = SimpleNamespace(numbers=dha.numbers, positions=dha.positions, charge=0)  # a data-file frame
+    moved = dha.copy()
+    moved.rotate(20, "z", center="COM")  # outer atoms move more than skin/2: the list is rebuilt
+    later = moved.positions + np.random.default_rng(0).normal(scale=0.02, size=moved.positions.shape)
+
+    atoms = dha.copy()
+    unbroken = SE3SetCalculator(model, device="cpu", skin=1.0)
+    mc._start_or_restore(atoms, unbroken, frame, None, 300.0, 0)
+    atoms.get_forces()
+    atoms.positions = moved.positions
+    atoms.get_forces()
+    snap = json.loads(json.dumps(mc._md_state(atoms, unbroken)))  # through JSON, as saved
+    assert np.array_equal(snap["verlet_reference"], moved.positions)
+    atoms.positions = later
+    expected = atoms.get_forces()
+
+    resumed_atoms = dha.copy()
+    mc._start_or_restore(resumed_atoms, SE3SetCalculator(model, device="cpu", skin=1.0), frame, snap, 300.0, 0)
+    assert np.array_equal(resumed_atoms.positions, moved.positions)
+    resumed_atoms.positions = later
+    assert np.array_equal(resumed_atoms.get_forces(), expected)
+
+
+def test_card_of_a_pre_empted_training_is_refused(trained, tmp_path):
+    """A model written by a fit stopped by SIGTERM was never evaluated: no card is made of it."""
+    import torch
+
+    from se3set_ase.model.checkpoint import atomic_torch_save, read_model_file
+
+    model, data = trained
+    payload = read_model_file(model)
+    payload["metadata"]["training"]["stopped"] = "SIGTERM"
+    payload["metadata"]["metrics"] = {}
+    stopped = tmp_path / "stopped.pt"
+    atomic_torch_save(payload, stopped)
+    assert torch.load(stopped, weights_only=True)["metadata"]["training"]["stopped"] == "SIGTERM"
+    with pytest.raises(SystemExit, match=r"pre-empted \(SIGTERM\).*--resume"):
+        _make_card().main(_args(stopped, data, tmp_path / "out"))

@@ -143,6 +143,29 @@ class Fragmenter:
         self._last = (key, charge, zkey, adj, frag)
         return frag, r, d
 
+    def verlet_reference(self) -> np.ndarray | None:
+        """Where the skin list of the last call's fragmentation was built: positions (N, 3) in Å,
+        or None (no skin, explicit mode, no call yet). A trajectory stopped and continued later
+        saves it and gives it to :meth:`restore_verlet`: the continued run then lists the same
+        zero-weight cross tokens as an unbroken one, so its forces are the same to the last bit
+        (the list changes only the rounding), which makes a resumed MD run exactly reproducible."""
+        if self._last is None or self.skin == 0 or self._last[4].settings.mode != "implicit":
+            return None
+        return self._last[4]._builder.verlet_reference()
+
+    def restore_verlet(self, positions) -> None:
+        """Rebuild the last call's skin list at ``positions`` (a saved :meth:`verlet_reference`
+        of the same topology); the next call keeps it while no atom has moved skin/2 from there."""
+        if self._last is None:
+            raise RuntimeError("restore_verlet: call the fragmenter on the structure first")
+        frag = self._last[4]
+        if self.skin == 0 or frag.settings.mode != "implicit":
+            raise ValueError("restore_verlet: this fragmenter keeps no skin list (skin 0 or explicit mode)")
+        r = np.asarray(positions, dtype=np.float64)
+        if r.shape != (frag.topology.num_atoms, 3):
+            raise ValueError(f"restore_verlet: positions must have shape ({frag.topology.num_atoms}, 3), got {r.shape}")
+        frag._builder.rebuild_verlet(r, frag.settings.implicit_rc, self.skin)
+
     def fragmentation(self, structure, positions=None, charge=None) -> Fragmentation:
         """The (cached) :class:`Fragmentation` of a structure."""
         return self._lookup(structure, positions, charge)[0]

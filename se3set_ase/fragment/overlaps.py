@@ -126,6 +126,16 @@ class TensorBuilder:
         self._verlet = (skin, positions.copy(), cross)
         return cross
 
+    def verlet_reference(self) -> np.ndarray | None:
+        """The positions (N, 3) Å at which the current skin list was built, or None (no list)."""
+        return None if self._verlet is None else self._verlet[1].copy()
+
+    def rebuild_verlet(self, positions: np.ndarray, r_c: float, skin: float) -> None:
+        """Build the skin list at ``positions`` whatever the current list (restores a saved
+        :meth:`verlet_reference`)."""
+        self._verlet = None
+        self.cross_tokens_skin(np.asarray(positions, dtype=np.float64), r_c, skin)
+
     def with_cross(self, positions, cross: np.ndarray, dtype=torch.float64) -> Hypergraph:
         """Hypergraph of the fixed hyperedges plus switched tokens ``cross`` (C, 2) of (h, i).
 
