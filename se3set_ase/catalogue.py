@@ -1,8 +1,9 @@
 """`se3set-ase models`: the model files that names resolve to, what each was trained on, its test
 errors as measured at the end of its training, and where it lives.
 
-Names are listed in resolution order (:mod:`.registry`): a name found in several folders resolves
-to the first, and the later copies are listed as shadowed. A file that cannot be read is listed
+Names are listed in resolution order (:mod:`.registry`; a file of that name in the current
+directory first): a name found in several places resolves to the first, and the later copies
+are listed as shadowed. A file that cannot be read is listed
 with the reason, not skipped, so a broken model is seen before a calculator trips over it.
 """
 from __future__ import annotations
@@ -32,6 +33,7 @@ class ModelEntry:
     train_frames: int | None = None
     test_energy_mae_meV_per_atom: float | None = None
     test_forces_mae_meV_A: float | None = None
+    stopped: str | None = None
     error: str | None = None
 
 
@@ -48,6 +50,7 @@ def _entry(name: str, path: Path) -> ModelEntry:
     entry.elements = [chemical_symbols[int(z)] for z in config.get("elements", [])]
     training = meta.get("training", {})
     entry.preset = training.get("preset")
+    entry.stopped = training.get("stopped")
     entry.parameters = training.get("parameters")
     entry.data = Path(training["data"]).name if training.get("data") else None
     entry.train_frames = training.get("frames", {}).get("train")
@@ -58,12 +61,19 @@ def _entry(name: str, path: Path) -> ModelEntry:
 
 
 def list_models(dirs: list[Path] | None = None) -> list[ModelEntry]:
-    """Every ``*.pt`` name in the search folders, sorted by name, each with the file it resolves to."""
+    """Every ``*.pt`` name in the search folders, sorted by name, each with the file it resolves
+    to: as for ``resolve_model``, a file of that name in the current directory comes first."""
     found: dict[str, list[Path]] = {}
+    seen: set[Path] = set()
     for d in dirs if dirs is not None else search_dirs():
-        if d.is_dir():
+        if d.is_dir() and d.resolve() not in seen:  # a folder named twice (say $SE3SET_MODELS=models)
+            seen.add(d.resolve())
             for p in sorted(d.glob("*.pt")):
                 found.setdefault(p.name, []).append(p)
+    for name, paths in found.items():
+        here = Path(name)
+        if here.is_file() and here.resolve() not in {p.resolve() for p in paths}:
+            paths.insert(0, here.absolute())
     entries = []
     for name in sorted(found):
         first, *rest = found[name]
@@ -94,6 +104,8 @@ def format_entries(entries: list[ModelEntry]) -> str:
                      f"{trained:<34}{_fmt(e.test_forces_mae_meV_A, '.2f'):>12}"
                      f"{_fmt(e.test_energy_mae_meV_per_atom, '.3f'):>12}  {Path(e.path).parent}")
         notes += [f"{e.name}: {p} is shadowed (the name resolves to {e.path})" for p in e.shadowed]
+        if e.stopped and e.stopped.startswith("SIG"):
+            notes.append(f"{e.name}: its training was pre-empted ({e.stopped}) and is unfinished: no test errors")
     return "\n".join(lines + ([""] + notes if notes else []))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 from ase.io import write
@@ -98,3 +99,17 @@ def test_models_lists_what_each_name_resolves_to(tmp_path):
                            env=env, check=True).stdout
     assert f"mine.pt: {user / 'mine.pt'} is shadowed" in table and "broken.pt: " in table
     assert "12.35" in table and "frames.extxyz (40)" in table
+    # from a folder holding a file of that name, the name means that file (as for the calculator);
+    # a search folder named twice does not shadow itself
+    here = tmp_path / "here"
+    here.mkdir()
+    save_model(model, here / "mine.pt")
+    env2 = dict(env, SE3SET_MODELS=str(user))
+    entries = {e["name"]: e for e in json.loads(subprocess.run(
+        [sys.executable, "-m", "se3set_ase.cli", "models", "--json"], capture_output=True, text=True, env=env2,
+        cwd=here, check=True).stdout)}
+    assert entries["mine.pt"]["path"] == str(here / "mine.pt")
+    assert entries["mine.pt"]["shadowed"] == [str(user / "mine.pt")]
+    resolved = json.loads(subprocess.run([sys.executable, "-c", code, "mine.pt"], capture_output=True, text=True,
+                                         env=env2, cwd=here, check=True).stdout)
+    assert Path(resolved["mine.pt"]) == Path("mine.pt")  # the file in the current directory

@@ -147,8 +147,8 @@ def test_cli_resume_keeps_plan_and_honours_output(data_file, tmp_path, caplog):
     common = [str(data_file), "--preset", "tiny", "--model", json.dumps(SMALL_NET), "--train-size", "30",
               "--valid-size", "5", "--test-size", "5", "--batch-size", "4", "--no-progress", "--deterministic"]
     main(["fit", *common, "--out-dir", str(tmp_path / "a"), "--epochs", "2", "-o", str(tmp_path / "a.pt")])
-    main(["fit", *common, "--out-dir", str(tmp_path / "b"), "--epochs", "2", "--max-steps", "3",
-          "-o", str(tmp_path / "first.pt")])
+    assert main(["fit", *common, "--out-dir", str(tmp_path / "b"), "--epochs", "2", "--max-steps", "3",
+                 "-o", str(tmp_path / "first.pt")]) == 0  # a planned stop is a success
     with caplog.at_level(logging.WARNING, logger="se3set_ase"):
         main(["fit", str(data_file), "--out-dir", str(tmp_path / "b"), "--resume", "--no-progress",
               "-o", str(tmp_path / "second.pt")])
@@ -213,6 +213,15 @@ def test_sigterm_stops_cleanly_and_resumes_exactly(data_file, tmp_path, monkeypa
     assert load_model(result["model"])[1]["training"]["stopped"] == "SIGTERM"
     assert signal.getsignal(signal.SIGTERM) is before
     assert torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)["state"]["step"] == 5
+    # the command line says "unfinished" to a job script: status 3
+    import json
+
+    from se3set_ase.cli import main
+
+    calls.clear()
+    assert main(["fit", str(data_file), "--preset", "tiny", "--model", json.dumps(SMALL_NET), "--valid-size", "8",
+                 "--batch-size", "4", "--epochs", "2", "--no-progress", "--device", "cpu",
+                 "--out-dir", str(tmp_path / "c")]) == 3
     monkeypatch.setattr(loop, "make_batch", real)
     fit(cfg, resume=True)
     a, b = weights(tmp_path / "a" / "last.ckpt"), weights(tmp_path / "b" / "last.ckpt")

@@ -103,5 +103,7 @@ def main(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     given = {k for k in ("epochs", "output") if getattr(args, k) is not None}
-    fit(config_from_args(args), resume=args.resume, argv=["se3set-ase"] + sys.argv[1:], given=given)
-    return 0
+    result = fit(config_from_args(args), resume=args.resume, argv=["se3set-ase"] + sys.argv[1:], given=given)
+    # 3: pre-empted by a signal, unfinished (continue with --resume); a --max-time stop is a
+    # budget the user set and ends with the model evaluated: 0, as a finished run
+    return 3 if str(result.get("stopped", "")).startswith("SIG") else 0

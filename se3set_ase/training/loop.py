@@ -117,7 +117,8 @@ def _world() -> tuple[int, int]:
 
 class _StopSignals:
     """SIGTERM or SIGINT (a scheduler's pre-emption, Ctrl-C) during ``fit``: the current step ends,
-    the checkpoint is written and the run stops as with ``--max-time``, to be continued with
+    the checkpoint and the model of the best weights so far are written at once (without the
+    valid/test evaluation that ``--max-time`` ends with) and ``fit`` returns, to be continued with
     ``--resume``. A second signal acts as it would without this. Installed from the main thread
     only (signal handlers cannot be set elsewhere); under torchrun every rank stops at the same step."""
 
@@ -147,14 +148,21 @@ class _StopSignals:
         log.warning("%s received: stopping after this step and writing the checkpoint", self.name)
 
     def received(self, world: int, device: torch.device) -> bool:
-        """Whether to stop now; with several ranks, whether any rank got a signal."""
-        if world == 1:
-            return self.name is not None
-        flag = torch.tensor([0 if self.name is None else 1], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and self.name is None:
+        """Whether to stop now; with several ranks, whether any rank got a signal (a collective:
+        every rank calls it at every step)."""
+        got = _any_rank(self.name is not None, world, device)
+        if got and self.name is None:
             self.name = "SIGTERM"  # another rank's signal
-        return bool(flag.item())
+        return got
+
+
+def _any_rank(flag: bool, world: int, device: torch.device) -> bool:
+    """``flag`` or'ed over the ranks (every rank must call it at the same point)."""
+    if world == 1:
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _maybe_init_distributed(device: torch.device) -> None:
@@ -511,12 +519,16 @@ def _run(cfg: TrainConfig, ck: dict[str, Any] | None, out: Path, argv: list[str]
                 bar.update(1)
                 bar.set_postfix(loss=f"{run_loss / n_run:.3g}", E_meV=f"{run_e / n_run:.1f}", F_meV_A=f"{run_f / n_run:.1f}")
                 state["elapsed"] = time.time() - t_start
-                if cfg.max_time is not None and state["elapsed"] >= cfg.max_time:
+                # every rank takes every decision together (a rank's clock may pass --max-time a
+                # step before another's); a signal wins: it means the machine is being taken away
+                got_signal = signals.received(world, device)
+                over_time = _any_rank(cfg.max_time is not None and state["elapsed"] >= cfg.max_time, world, device)
+                if got_signal:
+                    stopped = signals.name
+                elif over_time:
                     stopped = "max_time"
                 elif cfg.max_steps is not None and state["step"] >= cfg.max_steps:
                     stopped = "max_steps"
-                elif signals.received(world, device):
-                    stopped = signals.name
                 elif state["step"] >= total_steps:
                     break
                 if stopped or (state["step"] % cfg.save_every_steps == 0
