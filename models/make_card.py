@@ -69,7 +69,10 @@ LANGEVIN_FRICTION_PER_FS = 0.01  # as in the GFN2 data generation
 FD_STEP_A = 1e-4
 FD_FLOOR_EV_A = 0.05  # relative FD error = |FD - F| / max(|F|, floor)
 MACHINE_DEPENDENT = ["timing", "langevin.wall_time_s", "langevin.ms_per_step", "nve.wall_time_s",
-                     "nve.ms_per_step", "card.host", "card.generated_utc"]
+                     "nve.ms_per_step", "card.host", "card.generated_utc",
+                     "atom_order.abs_dE_meV", "atom_order.max_abs_dF_meV_A"]
+# |ΔE| (meV) and max |ΔF| (meV/Å) below which two atom orders agree to float64 rounding
+ORDER_INVARIANT_MEV = 1e-6
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -539,6 +542,50 @@ def fd_check(model_path, frame, seed, n_comp=6):
 
 
 # ----------------------------------------------------------------------------- main measurement
+def atom_order_check(model_path, frame, seed) -> dict:
+    """Energy and forces of ``frame`` in its own atom order and in a seeded random one (a fresh
+    float64 calculator each, forces mapped back to the first order), and whether the two got the
+    same hyperedges. The own order finds the model's pinned training fragmentation; the other is
+    fragmented from scratch, as a user's file in another order would be."""
+    import numpy as np
+    import torch
+
+    from se3set_ase import SE3SetCalculator
+
+    atoms = frame_atoms(frame)
+    n = len(atoms)
+    results = []
+    for order in (np.arange(n), np.random.default_rng(seed).permutation(n)):
+        a = atoms[order]
+        calc = SE3SetCalculator(model_path, device="cpu", dtype=torch.float64)
+        a.calc = calc
+        forces = np.empty((n, 3))
+        forces[order] = a.get_forces()
+        hyperedges = sorted(tuple(sorted(int(order[i]) for i in h)) for h in calc.fragmenter.fragmentation(a).hyperedges)
+        results.append((a.get_potential_energy(), forces, hyperedges))
+    (e0, f0, h0), (e1, f1, h1) = results
+    return {"seed": seed, "abs_dE_meV": 1000 * abs(e1 - e0), "max_abs_dF_meV_A": 1000 * float(np.abs(f1 - f0).max()),
+            "same_hyperedges": h0 == h1}
+
+
+def order_invariant(ao: dict) -> bool:
+    return ao["same_hyperedges"] and ao["abs_dE_meV"] < ORDER_INVARIANT_MEV and ao["max_abs_dF_meV_A"] < ORDER_INVARIANT_MEV
+
+
+def atom_order_text(ao: dict, cut) -> str:
+    where = (f"data frame {ao['start_frame']} with its atoms in a seeded random order (seed {ao['seed']}; fresh "
+             "calculators, float64)")
+    if order_invariant(ao):
+        return (f"Energy and forces do not depend on the order of the atoms: {where} has the same hyperedges, "
+                f"energy and forces as in its own order, to rounding (|ΔE| and max |ΔF| below {ORDER_INVARIANT_MEV:g} "
+                "meV and meV/Å).")
+    why = (f" The fused ring systems are cut into chunks of at most {cut} atoms, and where the molecule's symmetry "
+           "leaves a choice, which atoms form a chunk follows the input order." if cut else "")
+    return (f"**Energy and forces depend on the order of the atoms**: {where} has "
+            + ("the same hyperedges as" if ao["same_hyperedges"] else "other hyperedges than") + " in its own order, "
+            f"|ΔE| = {ao['abs_dE_meV']:.3g} meV and max |ΔF| = {ao['max_abs_dF_meV_A']:.3g} meV/Å." + why)
+
+
 def fragmentation_facts(model, frame) -> dict:
     """The model's fragment settings and the hypergraph of ``frame`` (its pinned fragmentation)."""
     from se3set_ase.fragment import Fragmenter
@@ -711,6 +758,7 @@ def _measure(args, progress, model, model_path, name, meta, tr, data, frames, n,
     timing["cpu"] = cpu_name()
     timing["n_atoms"] = len(start)
     fd = fd_check(model_path, start, args.seed)
+    atom_order = atom_order_check(model_path, start, args.seed)
     runs = progress.data["runs"]
 
     # ---- limits
@@ -752,6 +800,7 @@ def _measure(args, progress, model, model_path, name, meta, tr, data, frames, n,
         "nve": {**nve, "start_frame": start_idx},
         "timing": timing,
         "fd": {**fd, "start_frame": start_idx},
+        "atom_order": {**atom_order, "start_frame": start_idx},
         "fragmentation": fragmentation_facts(model, start),
         "limits": {"sgdml_2018_target": target, "md17_energy_label_noise_meV": MD17_ENERGY_NOISE_MEV
                    if kind["kind"] == "md17" else None},
@@ -935,6 +984,8 @@ def render_card(c: dict) -> str:
         f"{len(fd['components']) // 2} largest |F| and seeded random ones) of data frame {fd['start_frame']}: max |FD − F| "
         f"{fd['max_abs_err_eV_A']:.2e} eV/Å, max relative error {fd['max_rel_err']:.2e} "
         f"(relative to max(|F|, {fd['floor_eV_A']} eV/Å)).",
+        *(["", "## Atom order", "", atom_order_text(c["atom_order"], (c.get("fragmentation") or {}).get("settings", {})
+                                                      .get("max_ring_system_atoms"))] if c.get("atom_order") else []),
         "", "## Limits", "",
         f"- Trained on one molecule ({d['formula']}, {d['n_compositions']} composition(s) in the data); it is not a "
         "general potential for other molecules, and states far from the training distribution (other conformers, "
@@ -968,11 +1019,22 @@ def render_card(c: dict) -> str:
         lines.append("- No sGDML 2018 target for this molecule.")
     else:
         lines.append("- No sGDML 2018 target: not an MD17 model.")
+    if c.get("atom_order") and not order_invariant(c["atom_order"]):
+        lines.append("- Energies and forces depend on the atom order of the input (see Atom order): keep one atom "
+                     "order for a whole study (MD, optimisation, comparisons), and prefer the training data's order.")
     if not L["stable"]:
         lines.append(f"- The {L['requested_ps']:g} ps Langevin run at {L['temperature_K']:g} K was not stable "
                      f"({langevin_summary(L)}): do not use this model for MD at that temperature without checks.")
     lines += ["", "## Reproduce", "", f"    {c['card']['command']}", ""]
     return "\n".join(lines)
+
+
+def atom_order_column(ao: dict | None) -> str:
+    if ao is None:
+        return "not measured"
+    if order_invariant(ao):
+        return "invariant"
+    return f"**depends** (max \\|ΔF\\| {ao['max_abs_dF_meV_A']:.3g} meV/Å)"
 
 
 def render_readme(cards: list[dict]) -> str:
@@ -981,20 +1043,42 @@ def render_readme(cards: list[dict]) -> str:
              "Each model has a card `NAME.md` with every figure and its limits. Errors: float64, on the model's own "
              "test split. Load a model with `SE3SetCalculator(\"NAME.pt\")`.", "",
              "| model | data / level of theory | frames train/valid/test | preset | params | test F MAE meV/Å | "
-             "test E MAE meV | 10 ps Langevin stable? |",
-             "|---|---|---|---|---|---|---|---|"]
+             "test E MAE meV | 10 ps Langevin stable? | atom order |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for c in cards:
         d, t, e = c["data"], c["training"], c["errors"].get("test", {})
         lot = d["level_of_theory"].split(" (")[0]
         lines.append(f"| [{c['name']}]({c['name']}.md) | {d['kind'].upper()} {d['molecule']} / {lot} | "
                      f"{c['split']['train']}/{c['split']['valid']}/{c['split']['test']} | {t['preset']} | "
                      f"{_fmt_int(t['parameters'])} | {_f(e.get('forces_mae_meV_A'), 2)} | {_f(e.get('energy_mae_meV'), 2)} | "
-                     f"{'quick card: ' if c['card']['quick'] else ''}{langevin_column(c['langevin'])} |")
+                     f"{'quick card: ' if c['card']['quick'] else ''}{langevin_column(c['langevin'])} | "
+                     f"{atom_order_column(c.get('atom_order'))} |")
     if not cards:
-        lines.append("| (none yet) | | | | | | | |")
+        lines.append("| (none yet) | | | | | | | | |")
     lines += ["", "Models that cannot be shipped (MD22 data, MD17 benzene/azobenzene) are built with "
               "`se3set-ase fit`; `SE3SetCalculator` prints the command when such a name is asked for.", ""]
     return "\n".join(lines)
+
+
+def add_atom_order(out_dir: Path, card: dict) -> None:
+    """Measure :func:`atom_order_check` for an existing card (its model file, start structure and
+    seed) and write it into NAME.json and NAME.md."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    model_path = out_dir / card["model"]["file"]
+    if sha256(model_path) != card["model"]["sha256"]:
+        sys.exit(f"{model_path} is not the model of its card (sha256 differs): remake the card")
+    st = card["start_structure"]
+    frame = SimpleNamespace(numbers=np.asarray(st["numbers"]), positions=np.asarray(st["positions_A"], dtype=np.float64),
+                            charge=st["charge"])
+    card["atom_order"] = {**atom_order_check(model_path, frame, card["card"]["seed"]), "start_frame": st["frame"]}
+    for key in MACHINE_DEPENDENT:
+        if key.startswith("atom_order.") and key not in card["machine_dependent"]:
+            card["machine_dependent"].append(key)
+    (out_dir / f"{card['name']}.json").write_text(json.dumps(card, indent=1) + "\n")
+    (out_dir / f"{card['name']}.md").write_text(render_card(card))
 
 
 def load_cards(out_dir: Path) -> list[dict]:
@@ -1029,6 +1113,9 @@ def main(argv=None) -> int:
     p.add_argument("--readme-only", action="store_true", help="only regenerate OUT_DIR/README.md from OUT_DIR/*.json")
     p.add_argument("--render-only", action="store_true",
                    help="regenerate every OUT_DIR/NAME.md and README.md from the JSON cards (no measuring)")
+    p.add_argument("--add-atom-order", action="store_true",
+                   help="measure only the atom-order check of NAME's existing card (all cards without NAME) from "
+                        "its start structure and write it in (the card's other figures are untouched)")
     p.add_argument("--save-every-minutes", type=float, default=10.0,
                    help="save the MD in flight to OUT_DIR/NAME.card-progress this often (and on SIGTERM)")
     p.add_argument("--max-time", type=float, metavar="MIN",
@@ -1043,6 +1130,13 @@ def main(argv=None) -> int:
         print(f"wrote the cards and {write_readme(out_dir)}")
         return 0
     if args.readme_only:
+        print(f"wrote {write_readme(out_dir)}")
+        return 0
+    if args.add_atom_order:
+        for card in load_cards(out_dir):
+            if args.name in (None, card["name"]):
+                add_atom_order(out_dir, card)
+                print(f"{card['name']}: {atom_order_text(card['atom_order'], None)[:90]}...")
         print(f"wrote {write_readme(out_dir)}")
         return 0
     if not args.name or not args.data:
