@@ -3,8 +3,8 @@ errors as measured at the end of its training, and where it lives.
 
 Names are listed in resolution order (:mod:`.registry`; a file of that name in the current
 directory first): a name found in several places resolves to the first, and the later copies
-are listed as shadowed. A file that cannot be read is listed
-with the reason, not skipped, so a broken model is seen before a calculator trips over it.
+are listed as shadowed. A file that cannot be read is listed with the reason, not skipped, so a
+broken model is seen before a calculator trips over it.
 """
 from __future__ import annotations
 
