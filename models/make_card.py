@@ -1060,20 +1060,25 @@ def render_readme(cards: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def add_atom_order(out_dir: Path, card: dict) -> None:
-    """Measure :func:`atom_order_check` for an existing card (its model file, start structure and
-    seed) and write it into NAME.json and NAME.md."""
+def card_start_frame(card: dict):
+    """The card's start structure as a data frame (numbers, positions in Å, charge)."""
     from types import SimpleNamespace
 
     import numpy as np
 
+    st = card["start_structure"]
+    return SimpleNamespace(numbers=np.asarray(st["numbers"]), positions=np.asarray(st["positions_A"], dtype=np.float64),
+                           charge=st["charge"])
+
+
+def add_atom_order(out_dir: Path, card: dict) -> None:
+    """Measure :func:`atom_order_check` for an existing card (its model file, start structure and
+    seed) and write it into NAME.json and NAME.md."""
     model_path = out_dir / card["model"]["file"]
     if sha256(model_path) != card["model"]["sha256"]:
         sys.exit(f"{model_path} is not the model of its card (sha256 differs): remake the card")
-    st = card["start_structure"]
-    frame = SimpleNamespace(numbers=np.asarray(st["numbers"]), positions=np.asarray(st["positions_A"], dtype=np.float64),
-                            charge=st["charge"])
-    card["atom_order"] = {**atom_order_check(model_path, frame, card["card"]["seed"]), "start_frame": st["frame"]}
+    card["atom_order"] = {**atom_order_check(model_path, card_start_frame(card), card["card"]["seed"]),
+                          "start_frame": card["start_structure"]["frame"]}
     for key in MACHINE_DEPENDENT:
         if key.startswith("atom_order.") and key not in card["machine_dependent"]:
             card["machine_dependent"].append(key)

@@ -16,7 +16,7 @@ from typing import Any
 
 from ase.data import chemical_symbols
 
-from .registry import search_dirs
+from .registry import available_models, model_locations, search_dirs
 
 
 @dataclass
@@ -60,23 +60,16 @@ def _entry(name: str, path: Path) -> ModelEntry:
     return entry
 
 
-def list_models(dirs: list[Path] | None = None) -> list[ModelEntry]:
+def list_models() -> list[ModelEntry]:
     """Every ``*.pt`` name in the search folders, sorted by name, each with the file it resolves
     to: as for ``resolve_model``, a file of that name in the current directory comes first."""
-    found: dict[str, list[Path]] = {}
-    seen: set[Path] = set()
-    for d in dirs if dirs is not None else search_dirs():
-        if d.is_dir() and d.resolve() not in seen:  # a folder named twice (say $SE3SET_MODELS=models)
-            seen.add(d.resolve())
-            for p in sorted(d.glob("*.pt")):
-                found.setdefault(p.name, []).append(p)
-    for name, paths in found.items():
+    entries = []
+    for name in available_models():
+        paths = model_locations(name)
         here = Path(name)
         if here.is_file() and here.resolve() not in {p.resolve() for p in paths}:
             paths.insert(0, here.absolute())
-    entries = []
-    for name in sorted(found):
-        first, *rest = found[name]
+        first, *rest = paths
         entry = _entry(name, first)
         entry.shadowed = [str(p) for p in rest]
         entries.append(entry)

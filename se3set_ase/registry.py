@@ -31,6 +31,18 @@ def search_dirs() -> list[Path]:
     return dirs
 
 
+def model_locations(fname: str) -> list[Path]:
+    """Every file named ``fname`` in the search folders, in search order (a folder named twice
+    counts once); the first is what a bare name resolves to."""
+    found, seen = [], set()
+    for d in search_dirs():
+        if d.is_dir() and d.resolve() not in seen:
+            seen.add(d.resolve())
+            if (d / fname).is_file():
+                found.append(d / fname)
+    return found
+
+
 def available_models() -> list[str]:
     names = set()
     for d in search_dirs():
@@ -63,9 +75,9 @@ def resolve_model(name: str | os.PathLike) -> Path:
     if path.parent != Path(".") or path.is_absolute():
         raise ModelNotFoundError(f"model file {path} does not exist")
     fname = path.name if path.suffix == ".pt" else path.name + ".pt"
-    for d in search_dirs():
-        if (d / fname).is_file():
-            return d / fname
+    found = model_locations(fname)
+    if found:
+        return found[0]
     avail = available_models()
     raise ModelNotFoundError(
         f"no model named '{fname}' (looked in {', '.join(str(d) for d in search_dirs())}). "

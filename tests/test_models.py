@@ -184,13 +184,8 @@ def test_atom_order(model_path):
     if "atom_order" not in card:
         pytest.fail(f"{model_path.stem}'s card has no atom-order check: run "
                     f"`python models/make_card.py {model_path.stem} --add-atom-order`")
-    from types import SimpleNamespace
-
     mc = _make_card()
-    st = card["start_structure"]
-    frame = SimpleNamespace(numbers=np.asarray(st["numbers"]), positions=np.asarray(st["positions_A"]),
-                            charge=st["charge"])
-    now = mc.atom_order_check(model_path, frame, card["atom_order"]["seed"])
+    now = mc.atom_order_check(model_path, mc.card_start_frame(card), card["atom_order"]["seed"])
     stated = card["atom_order"]
     assert now["same_hyperedges"] == stated["same_hyperedges"]
     assert mc.order_invariant(now) == mc.order_invariant(stated)
