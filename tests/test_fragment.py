@@ -13,6 +13,7 @@ from ase import Atoms
 
 from se3set_ase import hypergraph as hgmod
 from se3set_ase.fragment import (
+    Fragmentation,
     FragmentationError,
     Fragmenter,
     FragmentSettings,
@@ -564,3 +565,106 @@ def _adj_water() -> np.ndarray:
     adj = np.zeros((3, 3), dtype=bool)
     adj[0, 1:] = adj[1:, 0] = True
     return adj
+
+
+# --------------------------------------------------------------------------- pins in any atom order
+def _coronene(noise: float = 0.05, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Coronene C24H12 (one 36-atom ring system with its H), MMFF geometry with seeded noise (Å)."""
+    from rdkit import Chem
+    from rdkit.Chem import AllChem
+
+    m = Chem.AddHs(Chem.MolFromSmiles("c1cc2ccc3ccc4ccc5ccc6ccc1c7c2c3c4c5c67"))
+    AllChem.EmbedMolecule(m, randomSeed=0)
+    AllChem.MMFFOptimizeMolecule(m)
+    z = np.array([a.GetAtomicNum() for a in m.GetAtoms()])
+    r = m.GetConformer().GetPositions()
+    return z, r + np.random.default_rng(seed).normal(scale=noise, size=r.shape)
+
+
+CUT12 = FragmentSettings(**{**MD22.to_dict(), "max_ring_system_atoms": 12})
+
+
+def _edges_in(frag, order) -> set:
+    """Hyperedges as sets of atoms of the original numbering (input atom k is original order[k])."""
+    return {frozenset(int(order[a]) for a in h) for h in frag.hyperedges}
+
+
+def test_ring_cut_of_a_symmetric_molecule_follows_the_atom_order_unless_pinned():
+    """Coronene cut into chunks of 12: a fresh fragmentation picks the chunks by RDKit's tie
+    breaking, i.e. by the input order; a pin with a reference geometry puts its own chunks on the
+    same atoms in any order (the isomorphism closest to the reference), and so does a pin that went
+    through a model file."""
+    z, r = _coronene()
+    ident = np.arange(len(z))
+    pin = Fragmenter(CUT12).fragmentation(z, r)
+    assert pin.references is not None and np.array_equal(pin.references[0], r)
+    assert len(pin.hyperedges) > 1
+    p = np.random.default_rng(0).permutation(len(z))
+    fresh = Fragmenter(CUT12).fragmentation(z[p], r[p])
+    assert _edges_in(fresh, p) != _edges_in(pin, ident)  # the problem the pins solve
+
+    back = Fragmentation.from_dict(json.loads(json.dumps(pin.to_dict())), CUT12)
+    assert np.array_equal(back.references, pin.references)
+    for q in (p, np.random.default_rng(1).permutation(len(z)), ident):
+        fr = Fragmenter(CUT12, pinned=[back])
+        got = fr.fragmentation(z[q], r[q])
+        assert _edges_in(got, q) == _edges_in(pin, ident) and fr.misses == 0
+        assert got.topology.numbers == tuple(int(a) for a in z[q])
+        assert {frozenset((int(q[i]), int(q[j]))) for i, j, _ in got.topology.bonds} == \
+               {frozenset((i, j)) for i, j, _ in pin.topology.bonds}
+    assert Fragmenter(CUT12, pinned=[back]).fragmentation(z, r) is back  # own order: the pin itself
+
+    # a pin without references (model files made before they were stored) fits only its own order
+    old = Fragmentation.from_dict({k: v for k, v in pin.to_dict().items() if k != "references"}, CUT12)
+    assert old.references is None
+    assert _edges_in(Fragmenter(CUT12, pinned=[old]).fragmentation(z[p], r[p]), p) == _edges_in(fresh, p)
+
+
+def test_pinned_energy_and_forces_do_not_depend_on_the_atom_order(tmp_path):
+    """A model pinning a ring-cut coronene fragmentation, saved and loaded: the same geometry in
+    two random atom orders gives the same energy and the permuted forces, also from a distorted
+    geometry (the closest reference decides, so both orders still agree)."""
+    from se3set_ase import SE3SetCalculator
+    from se3set_ase.model import ModelConfig, SE3SetModel, save_model
+
+    z, r = _coronene()
+    torch.manual_seed(0)
+    model = SE3SetModel(ModelConfig.preset("tiny", elements=[1, 6], fragment=CUT12), torch.float64)
+    model.fragmentations = [Fragmenter(CUT12).fragmentation(z, r).to_dict()]
+    path = save_model(model, tmp_path / "coronene.pt", dtype=torch.float64)
+    _, r2 = _coronene(noise=0.15, seed=7)
+    for geom in (r, r2):
+        results = []
+        for seed in (None, 0, 1):
+            q = np.arange(len(z)) if seed is None else np.random.default_rng(seed).permutation(len(z))
+            atoms = Atoms(numbers=z[q], positions=geom[q])
+            atoms.calc = SE3SetCalculator(str(path), device="cpu")
+            f = np.empty((len(z), 3))
+            f[q] = atoms.get_forces()
+            results.append((atoms.get_potential_energy(), f))
+        for e, f in results[1:]:
+            assert abs(e - results[0][0]) < 1e-9
+            np.testing.assert_allclose(f, results[0][1], atol=1e-9)
+
+
+def test_best_isomorphism_recovers_the_relabelling_and_rejects_other_graphs():
+    from se3set_ase.fragment.bonds import perceive_bonds
+    from se3set_ase.fragment.match import best_isomorphism
+
+    z, r = _coronene()
+    t = perceive_bonds(z, r, connectivity_only=True)
+    p = np.random.default_rng(3).permutation(len(z))
+    tp = perceive_bonds(z[p], r[p], connectivity_only=True)
+    perm, rmsd = best_isomorphism(z, t.pairs(), r, z[p], tp.pairs(), r[p])
+    assert np.array_equal(perm, np.argsort(p)) and rmsd < 1e-9
+    # rotated and translated input: same answer (Kabsch)
+    rot = np.linalg.qr(np.random.default_rng(4).normal(size=(3, 3)))[0]
+    rot *= np.sign(np.linalg.det(rot))
+    perm2, rmsd2 = best_isomorphism(z, t.pairs(), r, z[p], tp.pairs(), r[p] @ rot.T + 3.0)
+    assert np.array_equal(perm2, perm) and rmsd2 < 1e-9
+    # another graph with the same atoms and bond count: a C-C bond replaced by an H-H one
+    pairs = t.pairs().copy()
+    cc = next(k for k, (i, j) in enumerate(pairs) if z[i] == 6 and z[j] == 6)
+    pairs[cc] = np.flatnonzero(z == 1)[:2]
+    assert best_isomorphism(z, t.pairs(), r, z, pairs, r) is None
+    assert best_isomorphism(z, t.pairs(), r, z[:-1], t.pairs()[:-1], r[:-1]) is None

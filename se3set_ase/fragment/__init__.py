@@ -27,7 +27,10 @@ first; the hypergraph does not depend on the geometry as long as the cache holds
 
 Canonical order: members, groups, kernels and hyperedges are ordered with RDKit canonical atom
 ranks, so permuting the input atoms permutes the hypergraph (up to the molecule's symmetry) and
-rotations/translations leave it unchanged.
+rotations/translations leave it unchanged. A pinned fragmentation (a model's training one) with
+reference geometries is carried onto the same molecule in any atom order by the graph isomorphism
+closest to a reference (:mod:`se3set_ase.fragment.match`), which also fixes the one case where
+the symmetry matters: ring systems cut into chunks (``max_ring_system_atoms``).
 
 Charge: the total charge is an argument (``charge=``; an ``ase.Atoms`` gives
 ``atoms.info["charge"]``, default 0) and is passed to RDKit's bond-order assignment, which places

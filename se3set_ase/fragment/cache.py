@@ -11,6 +11,7 @@ from ..hypergraph import Hypergraph, collate
 from .. import elements
 from .bonds import _charge_int, hysteresis_adjacency, monovalent_hydrogens, threshold_matrix, topology_from_pairs
 from .core import FragmentSettings, Fragmentation, fragment_topology
+from .match import best_isomorphism
 from .errors import as_arrays, check_cell, check_close_pairs, check_elements, distance_matrix
 
 
@@ -52,6 +53,12 @@ class Fragmenter:
         self.hysteresis = bool(hysteresis)
         self.cache_size = int(cache_size)
         self._pinned = {_pin_key(f): f for f in pinned}
+        # pins with reference geometries, by what any atom order of their molecule shares
+        self._by_formula: dict[tuple, list[Fragmentation]] = {}
+        for f in self._pinned.values():
+            if f.references is not None:
+                self._by_formula.setdefault(_formula_key(f.topology.numbers, f.topology.charge, len(f.topology.bonds)),
+                                            []).append(f)
         self._cache: OrderedDict[bytes, Fragmentation] = OrderedDict()
         # elements -> (bond thresholds, forming thresholds, H indices)
         self._thr: dict[bytes, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
@@ -70,7 +77,8 @@ class Fragmenter:
 
     def fragmentations(self) -> list[Fragmentation]:
         """The fragmentations decided so far (pinned first), in the order they were made."""
-        return list(self._pinned.values()) + list(self._cache.values())  # pinned keys never enter the cache
+        pins = list(self._pinned.values())
+        return pins + [f for f in self._cache.values() if all(f is not p for p in pins)]
 
     def clear_cache(self) -> None:
         self._cache.clear()
@@ -125,23 +133,46 @@ class Fragmenter:
         key = _topology_key(len(z), charge, zkey, adj)
         self.last_topology_changed = self._last_key is not None and key != self._last_key
         self._last_key = key
-        frag = self._pinned.get(key)
+        frag = self._cache.get(key)
         if frag is None:
-            frag = self._cache.get(key)
-        if frag is None:
-            self.misses += 1
-            pairs = np.argwhere(np.triu(adj, 1))
-            topo = topology_from_pairs(z, r, pairs, charge, self.settings.connectivity_only)
-            frag = fragment_topology(topo, r, self.settings, d=d)
+            frag = self._from_pins(key, z, r, adj, charge)
+            if frag is not None:
+                self.hits += 1
+            else:
+                self.misses += 1  # an RDKit fragmentation
+                pairs = np.argwhere(np.triu(adj, 1))
+                topo = topology_from_pairs(z, r, pairs, charge, self.settings.connectivity_only)
+                frag = fragment_topology(topo, r, self.settings, d=d)
             self._cache[key] = frag
             if len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
         else:
             self.hits += 1
-            if key in self._cache:
-                self._cache.move_to_end(key)
+            self._cache.move_to_end(key)
         self._last = (key, charge, zkey, adj, frag)
         return frag, r, d
+
+    def _from_pins(self, key: bytes, z: np.ndarray, r: np.ndarray, adj: np.ndarray, charge: int) -> Fragmentation | None:
+        """The pinned fragmentation for this topology, decided once per topology: a pin with
+        reference geometries goes onto whatever atom order the input has, by the isomorphism
+        closest to one of its references (:func:`~se3set_ase.fragment.match.best_isomorphism`;
+        the same pin, unrelabelled, when that is the identity); one without (model files made
+        before references were stored) only onto its own atom order."""
+        exact = self._pinned.get(key)
+        cands = self._by_formula.get(_formula_key(z, charge, int(np.triu(adj, 1).sum())), [])
+        if not cands or (exact is not None and exact.references is None):
+            return exact
+        pairs = np.argwhere(np.triu(adj, 1))
+        best, best_rmsd = None, np.inf
+        for pin in cands:
+            t = pin.topology
+            found = best_isomorphism(t.numbers, t.pairs(), pin.references, z, pairs, r)
+            if found is not None and found[1] < best_rmsd:
+                best, best_rmsd = (pin, found[0]), found[1]
+        if best is None:
+            return exact
+        pin, perm = best
+        return pin if np.array_equal(perm, np.arange(len(perm))) else pin.relabel(perm)
 
     def verlet_reference(self) -> np.ndarray | None:
         """Where the skin list of the last call's fragmentation was built: positions (N, 3) in Å,
@@ -201,6 +232,11 @@ def _pin_key(frag: Fragmentation) -> bytes:
     adj[p[:, 0], p[:, 1]] = True
     adj[p[:, 1], p[:, 0]] = True
     return _topology_key(len(z), t.charge, z.tobytes(), adj)
+
+
+def _formula_key(numbers, charge: int, num_bonds: int) -> tuple:
+    """What every atom order of a molecule shares: sorted atomic numbers, charge, bond count."""
+    return (np.sort(np.asarray(numbers, dtype=np.int64)).tobytes(), int(charge), int(num_bonds))
 
 
 def _topology_key(n: int, charge: int, zkey: bytes, adj: np.ndarray) -> bytes:

@@ -1,7 +1,7 @@
 """Settings, the frozen per-topology fragmentation, and :func:`fragment`."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import cached_property
 from typing import Any
 
@@ -100,14 +100,57 @@ class Fragmentation:
     kernels: tuple[tuple[int, ...], ...]
     hyperedges: tuple[tuple[int, ...], ...]
     settings: FragmentSettings
+    #: geometries (T, N, 3) in Å this fragmentation belongs to: the one it was decided at, or a
+    #: model's training frames. A pinned fragmentation is put onto the same molecule in another
+    #: atom order by the graph isomorphism that brings that input closest to one of them
+    #: (:mod:`se3set_ase.fragment.match`). None: only the identical atom order can use it.
+    references: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able record (stored in model files to pin a training fragmentation)."""
         t = self.topology
-        return {"numbers": list(t.numbers), "bonds": [list(b) for b in t.bonds], "charge": t.charge,
-                "formal_charges": list(t.formal_charges), "connectivity_only": t.connectivity_only,
-                "groups": [list(g) for g in self.groups], "kernels": [list(k) for k in self.kernels],
-                "hyperedges": [list(h) for h in self.hyperedges]}
+        d = {"numbers": list(t.numbers), "bonds": [list(b) for b in t.bonds], "charge": t.charge,
+             "formal_charges": list(t.formal_charges), "connectivity_only": t.connectivity_only,
+             "groups": [list(g) for g in self.groups], "kernels": [list(k) for k in self.kernels],
+             "hyperedges": [list(h) for h in self.hyperedges]}
+        if self.references is not None:
+            d["references"] = np.asarray(self.references, dtype=np.float64).tolist()
+        return d
+
+    def with_references(self, references) -> "Fragmentation":
+        """The same fragmentation with other reference geometries (T, N, 3) Å (or one (N, 3))."""
+        refs = np.asarray(references, dtype=np.float64)
+        refs = refs[None] if refs.ndim == 2 else refs
+        if refs.ndim != 3 or refs.shape[1:] != (self.topology.num_atoms, 3) or len(refs) == 0:
+            raise ValueError(f"references must have shape (T, {self.topology.num_atoms}, 3), got {refs.shape}")
+        return replace(self, references=refs)
+
+    def relabel(self, perm) -> "Fragmentation":
+        """This fragmentation on the same molecule with atom i renamed ``perm[i]`` (a graph
+        isomorphism onto the input's atom order): topology, groups, kernels, hyperedges and
+        references are carried over, member order kept (so the tensors come out in the same order)."""
+        p = np.asarray(perm, dtype=np.int64)
+        n = self.topology.num_atoms
+        if p.shape != (n,) or not np.array_equal(np.sort(p), np.arange(n)):
+            raise ValueError("perm must be a permutation of the atom indices")
+        t = self.topology
+        numbers = [0] * n
+        charges = [0] * n
+        for i in range(n):
+            numbers[p[i]], charges[p[i]] = t.numbers[i], t.formal_charges[i]
+        bonds = tuple(sorted((min(int(p[i]), int(p[j])), max(int(p[i]), int(p[j])), int(o)) for i, j, o in t.bonds))
+        topo = Topology(numbers=tuple(numbers), bonds=bonds, charge=t.charge, formal_charges=tuple(charges),
+                        connectivity_only=t.connectivity_only)
+
+        def m(xs):
+            return tuple(tuple(int(p[a]) for a in x) for x in xs)
+
+        refs = None
+        if self.references is not None:
+            refs = np.empty_like(self.references)
+            refs[:, p] = self.references
+        return Fragmentation(topology=topo, groups=m(self.groups), kernels=m(self.kernels),
+                             hyperedges=m(self.hyperedges), settings=self.settings, references=refs)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], settings: FragmentSettings) -> "Fragmentation":
@@ -118,8 +161,13 @@ class Fragmentation:
         topo = Topology(numbers=tuple(int(z) for z in d["numbers"]), bonds=tup(d["bonds"]),
                         charge=int(d["charge"]), formal_charges=tuple(int(c) for c in d["formal_charges"]),
                         connectivity_only=bool(d["connectivity_only"]))
+        refs = d.get("references")  # absent in model files made before it was stored
+        if refs is not None:
+            refs = np.asarray(refs, dtype=np.float64)
+            if refs.ndim != 3 or refs.shape[1:] != (topo.num_atoms, 3):
+                raise ValueError(f"fragmentation references must have shape (T, {topo.num_atoms}, 3), got {refs.shape}")
         return cls(topology=topo, groups=tup(d["groups"]), kernels=tup(d["kernels"]),
-                   hyperedges=tup(d["hyperedges"]), settings=settings)
+                   hyperedges=tup(d["hyperedges"]), settings=settings, references=refs)
 
     @cached_property
     def _builder(self) -> TensorBuilder:
@@ -188,6 +236,7 @@ def fragment_topology(topo: Topology, positions, settings: FragmentSettings,
         kernels=tuple(k for k, _ in items),
         hyperedges=tuple(e for _, e in items),
         settings=settings,
+        references=r[None].copy(),
     )
 
 

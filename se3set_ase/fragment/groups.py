@@ -18,8 +18,9 @@ canonical-rank order, each chunk grown breadth-first over the system's bonds (ne
 order). Bonds inside such a system are then not unioned for their Kekulé order either (the Kekulé
 structure is arbitrary, and its double bonds would join the chunks again); bonds to H still are,
 and a functional group joins the chunk(s) it touches (a group can then exceed L).
-Where RDKit has to break rank ties (a symmetric C60), the chunks depend on the input atom order up
-to a symmetry of the molecule.
+Where RDKit has to break rank ties (a symmetric C60), the chunks of a fresh fragmentation depend on
+the input atom order up to a symmetry of the molecule; a pinned one (a model's training
+fragmentation) is carried onto any atom order by geometry instead (:mod:`.match`).
 
 FG union decision: the reference also meant to union FGs *joined by a bond*, but its step is
 half-broken (it always takes one fixed end of a bond as the neighbour, so it acts on an arbitrary,

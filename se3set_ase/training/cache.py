@@ -25,6 +25,7 @@ import torch
 
 from ..data import Frame
 from ..fragment import Fragmenter, FragmentSettings
+from ..fragment.cache import _pin_key
 from ..hypergraph import Hypergraph
 
 log = logging.getLogger("se3set_ase")
@@ -135,13 +136,36 @@ def load_h5(path: Path, key: str) -> LabelledGraphs | None:
     return LabelledGraphs(graphs, arr["energies"], forces)
 
 
-def training_fragmentations(frames: Sequence[Frame], settings: FragmentSettings) -> list:
+MAX_REFERENCES = 16
+
+
+def training_fragmentations(frames: Sequence[Frame], settings: FragmentSettings,
+                            reference_indices: Sequence[int] | None = None,
+                            max_references: int = MAX_REFERENCES) -> list:
     """The fragmentations :func:`build_graphs` freezes for ``frames`` (one per bond topology,
-    decided at its first frame in file order), as :class:`Fragmentation` objects."""
+    decided at its first frame in file order), as :class:`Fragmentation` objects.
+
+    Their reference geometries (what puts a pin onto another atom order, see
+    :mod:`se3set_ase.fragment.match`): up to ``max_references`` of the frames listed in
+    ``reference_indices`` (the training split) that have the topology, evenly spaced in file
+    order; the deciding frame where none has it or no indices are given."""
     fragmenter = Fragmenter(settings, cache_size=max(256, len(frames)))
+    keys = []
     for f in frames:
         fragmenter.fragmentation(f.numbers, f.positions, charge=f.charge)
-    return fragmenter.fragmentations()
+        keys.append(fragmenter._last_key)
+    pins = fragmenter.fragmentations()
+    if reference_indices is None:
+        return pins
+    out = []
+    for pin in pins:
+        key = _pin_key(pin)
+        idx = sorted(int(i) for i in reference_indices if keys[int(i)] == key)
+        if idx:
+            pick = np.unique(np.round(np.linspace(0, len(idx) - 1, min(max_references, len(idx)))).astype(int))
+            pin = pin.with_references(np.stack([np.asarray(frames[idx[k]].positions, dtype=np.float64) for k in pick]))
+        out.append(pin)
+    return out
 
 
 def cached_graphs(source: str | os.PathLike, frames: Sequence[Frame], settings: FragmentSettings,

@@ -287,9 +287,6 @@ def prepare_data(cfg: TrainConfig, settings: FragmentSettings | None = None):
     settings = settings or _fragment_settings(cfg, max(len(f) for f in frames))
     extra = {"energy_key": cfg.energy_key, "forces_key": cfg.forces_key}
     data, cache_file, reused = cached_graphs(src, frames, settings, extra, cfg.progress and _world()[0] == 0)
-    # what build_graphs froze for this file (one per topology): stored in the model files, pinned
-    # for the separate valid/test files here and by the calculator (Fragmenter.for_model)
-    pins = training_fragmentations(frames, settings)
     valid_default = 0.0 if cfg.valid_file else cfg.valid_size
     test_size = cfg.test_size if not cfg.test_file else 0.0
     train = cfg.train_size
@@ -301,6 +298,10 @@ def prepare_data(cfg: TrainConfig, settings: FragmentSettings | None = None):
     split = split_indices(len(frames), train=_num(train), valid=_num(valid_default), test=_num(test_size), seed=cfg.seed,
                           block=cfg.split_block)
     sets = {k: data.subset(v) for k, v in split.items()}
+    # what build_graphs froze for this file (one per topology), with training frames as the
+    # reference geometries: stored in the model files, pinned for the separate valid/test files
+    # here and by the calculator (Fragmenter.for_model), in whatever atom order they come
+    pins = training_fragmentations(frames, settings, reference_indices=split["train"])
     for name, f in (("valid", cfg.valid_file), ("test", cfg.test_file)):
         if f:
             fr = _read(_source_path(f), cfg)
