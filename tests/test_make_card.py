@@ -161,3 +161,49 @@ def test_card_of_a_pre_empted_training_is_refused(trained, tmp_path):
     assert torch.load(stopped, weights_only=True)["metadata"]["training"]["stopped"] == "SIGTERM"
     with pytest.raises(SystemExit, match=r"pre-empted \(SIGTERM\).*--resume"):
         _make_card().main(_args(stopped, data, tmp_path / "out"))
+
+
+def test_fit_stores_training_references_and_add_references_restores_them(trained, tmp_path):
+    """`fit` pins its fragmentations with up to 16 training frames as reference geometries;
+    `models/add_references.py` gives a file made before that the same references, weights untouched,
+    and refuses a file that has them or another data file."""
+    import numpy as np
+    import torch
+    from ase.io import read
+
+    from se3set_ase.model.checkpoint import atomic_torch_save, read_model_file
+
+    model, data = trained
+    payload = read_model_file(model)
+    pins = payload["fragmentations"]
+    assert pins and all(1 <= len(p["references"]) <= 16 for p in pins)
+    frames = read(data, index=":")
+    tr = payload["metadata"]["training"]
+    from se3set_ase.data import split_indices
+    fr = tr["frames"]
+    split = split_indices(len(frames), train=int(fr["train"]), valid=int(fr["valid"]), test=int(fr["test"]),
+                          seed=int(tr["seed"]), block=int(tr.get("split_block", 1)))
+    train_pos = [frames[i].positions for i in split["train"]]
+    for ref in pins[0]["references"]:  # every reference is a training frame, none a valid/test one
+        assert any(np.allclose(ref, p, atol=1e-12) for p in train_pos)
+
+    old = dict(payload, fragmentations=[{k: v for k, v in p.items() if k != "references"} for p in pins])
+    old_path = tmp_path / "old.pt"
+    atomic_torch_save(old, old_path)
+    script = SCRIPT.parent / "add_references.py"
+    spec = importlib.util.spec_from_file_location("add_references_under_test", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "new.pt"
+    assert mod.main([str(old_path), "--data", str(data), "-o", str(out)]) == 0
+    new = read_model_file(out)
+    assert new["fragmentations"] == pins
+    assert new["metadata"]["fragmentation_references"]["frames"] == [len(p["references"]) for p in pins]
+    for k, v in payload["state_dict"].items():
+        assert torch.equal(new["state_dict"][k], v)
+    with pytest.raises(SystemExit, match="already have reference"):
+        mod.main([str(out), "--data", str(data), "-o", str(tmp_path / "x.pt")])
+    other = tmp_path / "other.extxyz"
+    write(other, frames)
+    with pytest.raises(SystemExit, match="not the file the model was trained on"):
+        mod.main([str(old_path), "--data", str(other), "-o", str(tmp_path / "y.pt")])
