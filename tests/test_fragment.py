@@ -668,3 +668,41 @@ def test_best_isomorphism_recovers_the_relabelling_and_rejects_other_graphs():
     pairs[cc] = np.flatnonzero(z == 1)[:2]
     assert best_isomorphism(z, t.pairs(), r, z, pairs, r) is None
     assert best_isomorphism(z, t.pairs(), r, z[:-1], t.pairs()[:-1], r[:-1]) is None
+
+
+def test_best_isomorphism_on_identical_molecules_and_the_decision_is_kept():
+    """Eight identical waters (8! 2^8 isomorphisms): a thermal copy of the
+    reference in its own order maps to itself, in a random order to the true relabelling; and
+    a fragmenter keeps a pin's relabelling for an atom order however many other topologies pass
+    through its (size-1) cache."""
+    from ase.build import molecule
+    from se3set_ase.fragment.match import best_isomorphism
+
+    rng = np.random.default_rng(5)
+    w = molecule("H2O")
+    z, ref = [], []
+    for k in range(8):
+        rot = np.linalg.qr(rng.normal(size=(3, 3)))[0]
+        z += list(w.numbers)
+        ref += list(w.positions @ rot.T + 3.0 * np.array([k % 2, (k // 2) % 2, k // 4]))
+    z, ref = np.array(z), np.array(ref)
+    pairs = np.array([[3 * i, 3 * i + j] for i in range(8) for j in (1, 2)])
+    x = ref + rng.normal(scale=0.05, size=ref.shape)
+    perm, _ = best_isomorphism(z, pairs, ref, z, pairs, x)
+    assert np.array_equal(perm, np.arange(len(z)))
+    q = rng.permutation(len(z))
+    inv = np.argsort(q)
+    perm, _ = best_isomorphism(z, pairs, ref, z[q], inv[pairs], x[q])
+    assert np.array_equal(perm, inv)
+
+    zc, rc = _coronene()
+    pin = Fragmenter(CUT12).fragmentation(zc, rc)
+    fr = Fragmenter(CUT12, cache_size=1, pinned=[pin])
+    p = np.random.default_rng(0).permutation(len(zc))
+    first = fr.fragmentation(zc[p], rc[p])
+    for other in ("CH4", "NH3", "H2O"):
+        fr.fragmentation(molecule(other))
+    _, r2 = _coronene(noise=0.08, seed=9)  # the same bonds, a geometry that might pick another relabelling
+    assert Fragmenter(CUT12).fragmentation(zc, r2).topology == pin.topology
+    assert fr.fragmentation(zc[p], r2[p]) is first
+    assert fr.fragmentations()[0] is pin and len(fr.fragmentations()) == 2  # the pin and the last fresh one

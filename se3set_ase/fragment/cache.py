@@ -29,7 +29,10 @@ class Fragmenter:
     ``pinned``: fragmentations to use whenever their topology comes up, whatever the geometry
     (never evicted). Kernel merging and explicit overlaps are decided from geometric bond orders,
     so without a pin the first geometry seen decides them; a model pins the ones it was trained
-    on (:meth:`for_model`), so that every starting geometry gets the training hypergraph.
+    on (:meth:`for_model`), so that every starting geometry gets the training hypergraph. A pin
+    with reference geometries also serves the same molecule in any other atom order: the first
+    geometry seen in that order picks the relabelling (:mod:`.match`), which is then kept for the
+    fragmenter's life (not evicted; :meth:`clear_cache` forgets it).
 
     ``skin`` (Å, implicit fragments only): list the switched cross tokens up to ``implicit_rc +
     skin`` and keep the list until an atom has moved ``skin / 2`` (a Verlet list). The extra
@@ -60,6 +63,7 @@ class Fragmenter:
                 self._by_formula.setdefault(_formula_key(f.topology.numbers, f.topology.charge, len(f.topology.bonds)),
                                             []).append(f)
         self._cache: OrderedDict[bytes, Fragmentation] = OrderedDict()
+        self._decided: dict[bytes, Fragmentation] = {}  # topology key -> pin (or its relabelling) used
         # elements -> (bond thresholds, forming thresholds, H indices)
         self._thr: dict[bytes, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._last_key: bytes | None = None
@@ -77,11 +81,11 @@ class Fragmenter:
 
     def fragmentations(self) -> list[Fragmentation]:
         """The fragmentations decided so far (pinned first), in the order they were made."""
-        pins = list(self._pinned.values())
-        return pins + [f for f in self._cache.values() if all(f is not p for p in pins)]
+        return list(self._pinned.values()) + list(self._cache.values())  # not the pins' relabellings
 
     def clear_cache(self) -> None:
         self._cache.clear()
+        self._decided.clear()
         self._thr.clear()
         self._last_key = None
         self._last = None
@@ -133,22 +137,25 @@ class Fragmenter:
         key = _topology_key(len(z), charge, zkey, adj)
         self.last_topology_changed = self._last_key is not None and key != self._last_key
         self._last_key = key
-        frag = self._cache.get(key)
+        frag = self._decided.get(key)
+        if frag is None:
+            frag = self._cache.get(key)
+            if frag is not None:
+                self._cache.move_to_end(key)
         if frag is None:
             frag = self._from_pins(key, z, r, adj, charge)
-            if frag is not None:
-                self.hits += 1
-            else:
-                self.misses += 1  # an RDKit fragmentation
-                pairs = np.argwhere(np.triu(adj, 1))
-                topo = topology_from_pairs(z, r, pairs, charge, self.settings.connectivity_only)
-                frag = fragment_topology(topo, r, self.settings, d=d)
+            if frag is not None:  # decided once, never evicted: the choice must not change later
+                self._decided[key] = frag
+        if frag is None:
+            self.misses += 1  # an RDKit fragmentation
+            pairs = np.argwhere(np.triu(adj, 1))
+            topo = topology_from_pairs(z, r, pairs, charge, self.settings.connectivity_only)
+            frag = fragment_topology(topo, r, self.settings, d=d)
             self._cache[key] = frag
             if len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
         else:
             self.hits += 1
-            self._cache.move_to_end(key)
         self._last = (key, charge, zkey, adj, frag)
         return frag, r, d
 

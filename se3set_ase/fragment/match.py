@@ -6,28 +6,39 @@ graph up to a relabelling, and should get the same hyperedges *in space*: the on
 same atoms of the training geometry. For a molecule without symmetry the relabelling is unique.
 For a symmetric graph (C60: 120 automorphisms; a nanotube wall) many relabellings are graph
 isomorphisms, they put the pinned hyperedges on different atoms, and only the geometry can tell
-them apart. We take the isomorphism whose relabelled geometry is closest to the pin's reference
+them apart. We take an isomorphism whose relabelled geometry is close to one of the pin's reference
 geometries (the frame at which it was decided, or frames of the training set) after the best
-rotation and translation (Kabsch): the atom order under which the input looks most like what the
-model was trained on.
-Its result depends on the positions only, not on the order the atoms come in, so permuting the
-input permutes the hypergraph and leaves the energy unchanged.
+rotation and translation (Kabsch): the atom order under which the input looks like what the model
+was trained on. The search below is a geometric heuristic, not an exhaustive minimisation (it can
+miss the global minimum RMSD by a fraction of an Å on a strongly distorted input), but every step
+of it is a function of the geometry alone (colours, the choice of pinned atom, the candidate order
+by distance, the Hungarian assignment, the pruning bound), so the relabelling it returns does not
+depend on the order the atoms come in: permuting the input permutes the hypergraph and leaves the
+energy unchanged. Only an exactly symmetric input geometry has ties, and those choices are related
+by a symmetry of the input itself.
 
 Search (individualisation-refinement, as in canonical-labelling programs, with a geometric finish):
 colour refinement (1-WL) of the two graphs together, so that equal colours mean "could map onto each
 other"; while fewer than three atoms (not on one line) are matched one-to-one, fix one pinned atom of
 the smallest ambiguous colour class and branch over every input atom of that colour, refining after
-each choice. At a branch with enough one-to-one atoms, rotate the reference onto them and assign the
-remaining atoms of each colour class by minimal total squared distance (Hungarian); keep the result
-if it is an isomorphism. The number of branches is about the symmetry number of the part of the
-molecule whose atoms become unique first (4 for the buckyball catcher's body), not the full
-automorphism group (which for the double-walled nanotube defeats a plain subgraph matcher).
+each choice. At a branch with enough one-to-one atoms, superpose each reference on them, assign the
+remaining atoms of each colour class by least total squared distance (Hungarian) and superpose and
+reassign on all atoms until the assignment is stable (ICP); keep the best result that is an
+isomorphism, and branch deeper where none is. A branch whose one-to-one atoms alone already fit the
+references worse than the best result is cut. The number of branches is about the symmetry number
+of the part of the molecule whose atoms become unique first (4 for the buckyball catcher's body,
+~450 search nodes for the double-walled nanotube), not the full automorphism group (which for the
+nanotube defeats a plain subgraph matcher). Identical disconnected molecules (a water cluster) are
+the hard case: far from every reference the search stops after ``_MAX_NODES`` nodes with a warning.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
-_MAX_LEAVES = 20000  # a guard against pathological graphs; no molecule in the tests comes close
+_MAX_NODES = 3000  # search nodes; a guard against pathological graphs (warned when reached)
+_ICP_ROUNDS = 5
 
 
 def _neighbour_table(n: int, pairs: np.ndarray) -> np.ndarray:
@@ -80,9 +91,10 @@ def _not_collinear(x: np.ndarray) -> bool:
 
 
 def best_isomorphism(numbers_ref, pairs_ref, positions_ref, numbers, pairs, positions) -> tuple[np.ndarray, float] | None:
-    """The graph isomorphism ``perm`` (reference atom i -> input atom ``perm[i]``) whose relabelled
-    input geometry is closest to one of the reference geometries after superposition, and that
-    RMSD in Å; None when the two bond graphs are not isomorphic (same elements, bonds preserved).
+    """A graph isomorphism ``perm`` (reference atom i -> input atom ``perm[i]``) whose relabelled
+    input geometry is close to one of the reference geometries after superposition (module
+    docstring), and that RMSD in Å; None when the two bond graphs are not isomorphic (same
+    elements, bonds preserved). Depends on the geometry only, not on the input's atom order.
 
     ``numbers_*`` (N,), ``pairs_*`` (B, 2) bonded pairs, ``positions`` (N, 3) and
     ``positions_ref`` (N, 3) or (T, N, 3) in Å.
@@ -92,6 +104,9 @@ def best_isomorphism(numbers_ref, pairs_ref, positions_ref, numbers, pairs, posi
     za, zb = np.asarray(numbers_ref, dtype=np.int64), np.asarray(numbers, dtype=np.int64)
     pa, pb = np.asarray(pairs_ref, dtype=np.int64).reshape(-1, 2), np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
     n = len(za)
+    pa, pb = np.unique(np.sort(pa, axis=1), axis=0), np.unique(np.sort(pb, axis=1), axis=0)
+    if n == 0:
+        return (np.zeros(0, dtype=np.int64), 0.0) if len(zb) == 0 else None
     if len(zb) != n or len(pa) != len(pb) or not np.array_equal(np.sort(za), np.sort(zb)):
         return None
     refs, xb = np.asarray(positions_ref, dtype=np.float64), np.asarray(positions, dtype=np.float64)
@@ -101,45 +116,54 @@ def best_isomorphism(numbers_ref, pairs_ref, positions_ref, numbers, pairs, posi
     adj_b = np.zeros((n, n), dtype=bool)
     adj_b[pb[:, 0], pb[:, 1]] = adj_b[pb[:, 1], pb[:, 0]] = True
     best: list = [None, np.inf]
-    leaves = [0]
+    nodes = [0]
 
     def balanced(col):
         ca, cb = np.bincount(col[:n], minlength=col.max() + 1), np.bincount(col[n:], minlength=col.max() + 1)
         return np.array_equal(ca, cb), ca
 
     def finish(col):
-        leaves[0] += 1
+        """Complete the one-to-one atoms to an isomorphism by geometry: superpose each reference
+        on them, assign every ambiguous colour class by least total squared distance, superpose
+        again on all atoms and reassign until nothing changes (a few rounds; like ICP). Keeps the
+        best isomorphism found; False when no reference gave one."""
         ca = np.bincount(col[:n], minlength=col.max() + 1)
         single = np.flatnonzero(ca[col[:n]] == 1)
-        where_b = {}
-        for j in range(n):
-            where_b.setdefault(int(col[n + j]), []).append(j)
-        perm = np.full(n, -1, dtype=np.int64)
-        for i in single:
-            perm[i] = where_b[int(col[i])][0]
-        rot, cref, cin = _kabsch(xa[single], xb[perm[single]])
-        moved = (xa - cref) @ rot + cin  # the first reference placed on the input
-        for c, members_b in where_b.items():
-            members_a = np.flatnonzero(col[:n] == c)
-            if len(members_a) == 1:
+        first_b = {}
+        for j in range(n - 1, -1, -1):
+            first_b[int(col[n + j])] = j
+        classes = [(np.flatnonzero(col[:n] == c), np.flatnonzero(col[n:] == c)) for c in np.flatnonzero(ca > 1)]
+        fixed = np.full(n, -1, dtype=np.int64)
+        fixed[single] = [first_b[int(col[i])] for i in single]
+        found = False
+        for x in refs:
+            rot, cref, cin = _kabsch(x[single], xb[fixed[single]])
+            perm = fixed.copy()
+            for _ in range(_ICP_ROUNDS):
+                moved = (x - cref) @ rot + cin  # the reference placed on the input
+                before = perm.copy()
+                for ma, mb in classes:
+                    cost = ((moved[ma, None, :] - xb[None, mb, :]) ** 2).sum(-1)
+                    r, c = linear_sum_assignment(cost)
+                    perm[ma[r]] = mb[c]
+                if np.array_equal(perm, before):
+                    break
+                rot, cref, cin = _kabsch(x, xb[perm])
+            if not adj_b[perm[pa[:, 0]], perm[pa[:, 1]]].all():
                 continue
-            mb = np.array(members_b)
-            cost = ((moved[members_a, None, :] - xb[None, mb, :]) ** 2).sum(-1)
-            r, s = linear_sum_assignment(cost)
-            perm[members_a[r]] = mb[s]
-        if not adj_b[perm[pa[:, 0]], perm[pa[:, 1]]].all():
-            return False
-        rmsd = min(_rmsd(x, xb[perm]) for x in refs)
-        if rmsd < best[1] - 1e-12:
-            best[0], best[1] = perm, rmsd
-        return True
+            found = True
+            rmsd = min(_rmsd(y, xb[perm]) for y in refs)
+            if rmsd < best[1] - 1e-12:
+                best[0], best[1] = perm, rmsd
+        return found
 
     rho_a = np.linalg.norm(xa - xa.mean(0), axis=1)  # distance from the centroid, Å
     rho_b = np.linalg.norm(xb - xb.mean(0), axis=1)
 
     def search(col):
+        nodes[0] += 1
         ok, ca = balanced(col)
-        if not ok or leaves[0] >= _MAX_LEAVES:
+        if not ok or nodes[0] >= _MAX_NODES:
             return
         single = np.flatnonzero(ca[col[:n]] == 1)
         aligned = len(single) == n or _not_collinear(xa[single])
@@ -168,4 +192,8 @@ def best_isomorphism(numbers_ref, pairs_ref, positions_ref, numbers, pairs, posi
             search(_refine(nxt, nbrs))
 
     search(_refine(np.concatenate([za, zb]), nbrs))
+    if nodes[0] >= _MAX_NODES:
+        warnings.warn(f"best_isomorphism: stopped after {_MAX_NODES} partial matchings of a {n}-atom "
+                      f"graph; the relabelling found (RMSD {best[1]:.3f} Å) may not be the closest one",
+                      RuntimeWarning, stacklevel=2)
     return None if best[0] is None else (best[0], best[1])
