@@ -668,6 +668,7 @@ def measure(args) -> dict:
     from se3set_ase.data import read_frames, split_indices
     from se3set_ase.model import load_model
     from se3set_ase.registry import resolve_model
+    from se3set_ase.training.stops import pre_empted
 
     torch.set_num_threads(args.threads)
     model_path = resolve_model(args.name).resolve()
@@ -676,7 +677,7 @@ def measure(args) -> dict:
     tr = meta.get("training") or {}
     if not tr:
         sys.exit(f"{model_path}: no training metadata (not written by `se3set-ase fit`)")
-    if str(tr.get("stopped", "")).startswith("SIG"):
+    if pre_empted(tr.get("stopped")):
         sys.exit(f"{model_path}: its training was pre-empted ({tr['stopped']}) and never evaluated; "
                  "finish it with `se3set-ase fit ... --resume` first")
     cmd = tr.get("command") or ""

@@ -34,6 +34,9 @@ class ModelEntry:
     test_energy_mae_meV_per_atom: float | None = None
     test_forces_mae_meV_A: float | None = None
     stopped: str | None = None
+    #: ring systems cut into chunks and no reference geometries pinned: the energy depends on the
+    #: input's atom order (se3set_ase.fragment.match)
+    order_dependent: bool = False
     error: str | None = None
 
 
@@ -51,6 +54,9 @@ def _entry(name: str, path: Path) -> ModelEntry:
     training = meta.get("training", {})
     entry.preset = training.get("preset")
     entry.stopped = training.get("stopped")
+    pins = payload.get("fragmentations") or []
+    entry.order_dependent = (config.get("fragment", {}).get("max_ring_system_atoms") is not None
+                             and any("references" not in p for p in pins))
     entry.parameters = training.get("parameters")
     entry.data = Path(training["data"]).name if training.get("data") else None
     entry.train_frames = training.get("frames", {}).get("train")
@@ -82,6 +88,8 @@ def _fmt(x: Any, spec: str = "") -> str:
 
 def format_entries(entries: list[ModelEntry]) -> str:
     """A fixed-width table, one model per line, then the shadowed copies and unreadable files."""
+    from .training.stops import pre_empted  # imports torch (the training package), as reading files does
+
     head = (f"{'name':<28}{'elements':<12}{'preset':<8}{'params':>10}  {'trained on':<34}"
             f"{'test F MAE':>12}{'test E MAE':>12}  folder")
     units = f"{'':<28}{'':<12}{'':<8}{'':>10}  {'(file, training frames)':<34}{'meV/Å':>12}{'meV/atom':>12}"
@@ -97,8 +105,11 @@ def format_entries(entries: list[ModelEntry]) -> str:
                      f"{trained:<34}{_fmt(e.test_forces_mae_meV_A, '.2f'):>12}"
                      f"{_fmt(e.test_energy_mae_meV_per_atom, '.3f'):>12}  {Path(e.path).parent}")
         notes += [f"{e.name}: {p} is shadowed (the name resolves to {e.path})" for p in e.shadowed]
-        if e.stopped and e.stopped.startswith("SIG"):
+        if pre_empted(e.stopped):
             notes.append(f"{e.name}: its training was pre-empted ({e.stopped}) and is unfinished: no test errors")
+        if e.order_dependent:
+            notes.append(f"{e.name}: cuts ring systems into chunks and stores no reference geometries, so its "
+                         "energy depends on the atom order: keep its training data's (models/add_references.py)")
     return "\n".join(lines + ([""] + notes if notes else []))
 
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import torch
+from ase.build import molecule
 from ase.io import write
 
 from se3set_ase import __version__
@@ -79,6 +80,14 @@ def test_models_lists_what_each_name_resolves_to(tmp_path):
     save_model(model, first / "mine.pt", meta)
     save_model(model, user / "mine.pt")  # shadowed by $SE3SET_MODELS
     (user / "broken.pt").write_bytes(b"not a model")
+    # ring-cut models: order-dependent unless the pins carry reference geometries
+    from se3set_ase.fragment import Fragmenter
+    cut = FragmentSettings(**{**FragmentSettings.preset("md22").to_dict(), "max_ring_system_atoms": 12})
+    ring = SE3SetModel(ModelConfig.preset("tiny", elements=[1, 6], fragment=cut))
+    pin = Fragmenter(cut).fragmentation(molecule("C6H6")).to_dict()
+    for name, p in (("cut_old.pt", {k: v for k, v in pin.items() if k != "references"}), ("cut_new.pt", pin)):
+        ring.fragmentations = [p]
+        save_model(ring, first / name, meta)
     env = dict(os.environ, SE3SET_MODELS=str(first), XDG_DATA_HOME=str(xdg))
     proc = subprocess.run([sys.executable, "-m", "se3set_ase.cli", "models", "--json"], capture_output=True,
                           text=True, env=env)
@@ -99,6 +108,9 @@ def test_models_lists_what_each_name_resolves_to(tmp_path):
                            env=env, check=True).stdout
     assert f"mine.pt: {user / 'mine.pt'} is shadowed" in table and "broken.pt: " in table
     assert "12.35" in table and "frames.extxyz (40)" in table
+    assert entries["cut_old.pt"]["order_dependent"] and not entries["cut_new.pt"]["order_dependent"]
+    assert not mine["order_dependent"]
+    assert "cut_old.pt: cuts ring systems" in table and "cut_new.pt: cuts" not in table
     # from a folder holding a file of that name, the name means that file (as for the calculator);
     # a search folder named twice does not shadow itself
     here = tmp_path / "here"

@@ -7,6 +7,7 @@ import logging
 import sys
 
 from ..model.config import ModelConfig
+from .stops import pre_empted
 
 
 def _size(text: str) -> float:
@@ -106,4 +107,4 @@ def main(args: argparse.Namespace) -> int:
     result = fit(config_from_args(args), resume=args.resume, argv=["se3set-ase"] + sys.argv[1:], given=given)
     # 3: pre-empted by a signal, unfinished (continue with --resume); a --max-time stop is a
     # budget the user set and ends with the model evaluated: 0, as a finished run
-    return 3 if str(result.get("stopped", "")).startswith("SIG") else 0
+    return 3 if pre_empted(result.get("stopped")) else 0

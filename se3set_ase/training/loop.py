@@ -37,6 +37,7 @@ from ..model import ModelConfig, SE3SetModel, count_parameters, energy_and_force
 from ..model.checkpoint import atomic_torch_save
 from .cache import LabelledGraphs, cached_graphs, training_fragmentations
 from .metrics import evaluate, format_table, make_batch, per_sample_loss
+from .stops import pre_empted
 
 log = logging.getLogger("se3set_ase")
 CKPT_FORMAT = "se3set-ase-checkpoint"
@@ -580,7 +581,7 @@ def _run(cfg: TrainConfig, ck: dict[str, Any] | None, out: Path, argv: list[str]
     result: dict[str, Any] = {"steps": state["step"], "epochs": state["epoch"], "elapsed_s": state["elapsed"],
                               "stopped": stopped or "done", "checkpoint": str(_ckpt_path(cfg)), **data_info}
     if stopped and rank == 0:
-        why = stopped if stopped.startswith("SIG") else f"--{stopped.replace('_', '-')}"
+        why = stopped if pre_empted(stopped) else f"--{stopped.replace('_', '-')}"
         print(f"stopped by {why} at step {state['step']}; continue with --resume "
               "(the model file below holds the best weights so far)")
     # final: best EMA weights (or the last EMA weights when there was no validation)
@@ -595,9 +596,9 @@ def _run(cfg: TrainConfig, ck: dict[str, Any] | None, out: Path, argv: list[str]
     # A signal means a scheduler wants the machine back (SLURM kills 30 s after SIGTERM by
     # default): write the model of the best weights at once and leave the valid/test evaluation,
     # which takes minutes on large molecules, to the run that finishes.
-    pre_empted = bool(stopped) and stopped.startswith("SIG")
+    was_pre_empted = pre_empted(stopped)
     metrics: dict[str, Any] = {}
-    if not pre_empted:
+    if not was_pre_empted:
         metrics["valid"] = evaluate(final, valid, 16, device, dtype)
         if test is not None and len(test):
             metrics["test"] = evaluate(final, test, 16, device, dtype)
