@@ -183,7 +183,8 @@ def best_isomorphism(numbers_ref, pairs_ref, positions_ref, numbers, pairs, posi
         c = int(np.argmin(sizes))  # smallest ambiguous class (lowest colour id on ties)
         a = int(np.flatnonzero(col[:n] == c)[0])
         cands = np.flatnonzero(col[n:] == c)
-        # likeliest first, so that the bound prunes early (the order cannot change the result)
+        # likeliest first, so that the bound prunes early; the order is geometric too, so that
+        # where the node cap cuts the search it cuts it the same way for every input order
         gap = np.linalg.norm(xb[cands] - moved[a], axis=1) if aligned else np.abs(rho_b[cands] - rho_a[a])
         fresh = col.max() + 1
         for b in cands[np.argsort(gap, kind="stable")]:
