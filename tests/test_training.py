@@ -136,6 +136,22 @@ def test_resume_with_other_epochs_warns(data_file, tmp_path, caplog):
     assert "resuming with epochs=3 (the checkpoint's run was planned for 2)" in caplog.text
 
 
+def test_resume_without_best_weights_warns(data_file, tmp_path, caplog):
+    """The best weights of the epochs before a resume live in best.pt, not in last.ckpt: a resume
+    in a folder without it (only last.ckpt copied) says that the final model can differ."""
+    import logging
+
+    fit(config(data_file, tmp_path / "d", max_steps=9))  # past the first epoch's validation
+    assert (tmp_path / "d" / "best.pt").is_file()
+    with caplog.at_level(logging.WARNING, logger="se3set_ase"):
+        fit(config(data_file, tmp_path / "d", max_steps=10), resume=True)
+    assert "resuming without" not in caplog.text
+    (tmp_path / "d" / "best.pt").unlink()
+    with caplog.at_level(logging.WARNING, logger="se3set_ase"):
+        fit(config(data_file, tmp_path / "d", max_steps=11), resume=True)
+    assert "resuming without" in caplog.text and "copy best.pt along with last.ckpt" in caplog.text
+
+
 def test_cli_resume_keeps_plan_and_honours_output(data_file, tmp_path, caplog):
     """`fit --resume` without --epochs continues the checkpoint's plan exactly (no silent default of
     100 epochs); `-o` given on resume is where the model goes."""

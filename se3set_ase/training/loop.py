@@ -456,6 +456,11 @@ def _run(cfg: TrainConfig, ck: dict[str, Any] | None, out: Path, argv: list[str]
         ema.load_state_dict(ck["ema"])
         state.update(ck["state"])
         state["history"] = list(ck["state"]["history"])
+        if math.isfinite(state["best"]) and rank == 0 and not (out / "best.pt").is_file():
+            log.warning("resuming without %s: the best weights so far (valid score %.4g) are lost, so the "
+                        "final model will be the best of the epochs still to come (or the last weights); "
+                        "copy best.pt along with last.ckpt for the unbroken run's result", out / "best.pt",
+                        state["best"])
     state.setdefault("commands", [])
     state["commands"] = list(state["commands"]) + [" ".join(argv) if argv else "fit() from Python"]
     ddp = model
