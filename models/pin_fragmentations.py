@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from se3set_ase.data import read_frames
-    from se3set_ase.fragment import FragmentSettings
+    from se3set_ase.fragment import Fragmentation, FragmentSettings
     from se3set_ase.model.checkpoint import atomic_torch_save, read_model_file
     from se3set_ase.training.cache import training_fragmentations
 
@@ -38,10 +38,12 @@ def main(argv=None) -> int:
     if trained_on.name != Path(args.data).name:
         sys.exit(f"--data {args.data} is not the file {path.name} was trained on ({trained_on})")
     settings = FragmentSettings.from_dict(payload["config"]["fragment"])
-    pins = [f.to_dict() for f in training_fragmentations(read_frames(args.data), settings)]
+    frags = training_fragmentations(read_frames(args.data), settings)
+    pins = [f.to_dict() for f in frags]
     old = payload.get("fragmentations")
     if old:
-        if old == pins:
+        # Fragmentation equality ignores reference geometries (models/add_references.py adds those)
+        if [Fragmentation.from_dict(d, settings) for d in old] == frags:
             print(f"{path}: already pins these {len(pins)} fragmentation(s)")
             return 0
         sys.exit(f"{path} already pins other fragmentations; not overwritten")
