@@ -410,3 +410,35 @@ def test_max_ring_system_atoms_reaches_the_model_settings(data_file):
     s = _fragment_settings(cfg, 148)
     assert s.max_ring_system_atoms == 12 and s.mode == "implicit"
     assert _fragment_settings(config_from_args(p.parse_args([str(data_file)])), 9).max_ring_system_atoms is None
+
+
+def test_evaluation_batches_cap_atoms_and_do_not_change_the_errors():
+    """Evaluation batches hold at most ``max_atoms`` atoms (a validation of 16 large frames at once
+    ran a machine out of memory); the errors are those of one frame at a time."""
+    from se3set_ase.data.frames import Frame
+    from se3set_ase.fragment import FragmentSettings
+    from se3set_ase.model import ModelConfig, SE3SetModel
+    from se3set_ase.training.cache import build_graphs
+    from se3set_ase.training.metrics import eval_batches, evaluate
+
+    assert [list(r) for r in eval_batches([9, 9, 30, 9, 9, 9], batch_size=2, max_atoms=20)] == \
+        [[0, 1], [2], [3, 4], [5]]  # the 30-atom frame alone; never more than 2 frames
+    assert [list(r) for r in eval_batches([9] * 5, batch_size=16, max_atoms=1024)] == [[0, 1, 2, 3, 4]]
+    assert eval_batches([], 4) == []
+
+    ethanol = [Frame.from_atoms(a) for a in harmonic_frames(4, seed=1)]
+    water = [Frame.from_atoms(a) for a in harmonic_frames(3, seed=2, name="H2O")]
+    data = build_graphs([ethanol[0], water[0], ethanol[1], ethanol[2], water[1], water[2], ethanol[3]],
+                        FragmentSettings())
+    torch.manual_seed(0)
+    model = SE3SetModel(ModelConfig.preset("tiny", elements=[1, 6, 8], **SMALL_NET), torch.float64)
+    with torch.no_grad():  # random, non-trivial energy shifts
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    one = evaluate(model, data, 1, "cpu", torch.float64)
+    for max_atoms in (12, 20, 1024):
+        got = evaluate(model, data, 16, "cpu", torch.float64, max_atoms=max_atoms)
+        assert got.keys() == one.keys()
+        for k in one:
+            assert got[k] == pytest.approx(one[k], rel=1e-12), (max_atoms, k)
+    assert one["forces_mae_meV_A"] > 1.0  # a random model: the errors compared are not zero
