@@ -109,7 +109,8 @@ def format_entries(entries: list[ModelEntry]) -> str:
             notes.append(f"{e.name}: its training was pre-empted ({e.stopped}) and is unfinished: no test errors")
         if e.order_dependent:
             notes.append(f"{e.name}: cuts ring systems into chunks and stores no reference geometries, so its "
-                         "energy depends on the atom order: keep its training data's (models/add_references.py)")
+                         "energy depends on the atom order: keep its training data's, or add them "
+                         "(models/pin_fragmentations.py)")
     return "\n".join(lines + ([""] + notes if notes else []))
 
 

@@ -163,10 +163,11 @@ def test_card_of_a_pre_empted_training_is_refused(trained, tmp_path):
         _make_card().main(_args(stopped, data, tmp_path / "out"))
 
 
-def test_fit_stores_training_references_and_add_references_restores_them(trained, tmp_path):
+def test_fit_stores_training_references_and_pin_fragmentations_restores_them(trained, tmp_path):
     """`fit` pins its fragmentations with up to 16 training frames as reference geometries;
-    `models/add_references.py` gives a file made before that the same references, weights untouched,
-    and refuses a file that has them or another data file."""
+    `models/pin_fragmentations.py` gives a file made before that (pins without references, or no
+    pins at all) the same pins, weights untouched; it leaves a complete file alone and refuses
+    another data file or other pins."""
     import numpy as np
     import torch
     from ase.io import read
@@ -187,23 +188,33 @@ def test_fit_stores_training_references_and_add_references_restores_them(trained
     for ref in pins[0]["references"]:  # every reference is a training frame, none a valid/test one
         assert any(np.allclose(ref, p, atol=1e-12) for p in train_pos)
 
-    old = dict(payload, fragmentations=[{k: v for k, v in p.items() if k != "references"} for p in pins])
-    old_path = tmp_path / "old.pt"
-    atomic_torch_save(old, old_path)
-    script = SCRIPT.parent / "add_references.py"
-    spec = importlib.util.spec_from_file_location("add_references_under_test", script)
+    script = SCRIPT.parent / "pin_fragmentations.py"
+    spec = importlib.util.spec_from_file_location("pin_fragmentations_under_test", script)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    out = tmp_path / "new.pt"
-    assert mod.main([str(old_path), "--data", str(data), "-o", str(out)]) == 0
-    new = read_model_file(out)
-    assert new["fragmentations"] == pins
-    assert new["metadata"]["fragmentation_references"]["frames"] == [len(p["references"]) for p in pins]
-    for k, v in payload["state_dict"].items():
-        assert torch.equal(new["state_dict"][k], v)
-    with pytest.raises(SystemExit, match="already have reference"):
-        mod.main([str(out), "--data", str(data), "-o", str(tmp_path / "x.pt")])
+    no_refs = dict(payload, fragmentations=[{k: v for k, v in p.items() if k != "references"} for p in pins])
+    no_pins = {k: v for k, v in payload.items() if k != "fragmentations"}
+    for name, old in (("no_refs", no_refs), ("no_pins", no_pins)):
+        old_path = tmp_path / f"{name}.pt"
+        atomic_torch_save(old, old_path)
+        out = tmp_path / f"{name}_new.pt"
+        assert mod.main([str(old_path), "--data", str(data), "-o", str(out)]) == 0
+        new = read_model_file(out)
+        assert new["fragmentations"] == pins
+        added = new["metadata"]["fragmentation_references"]
+        assert added["frames"] == [len(p["references"]) for p in pins]
+        assert added["pins_added"] == (name == "no_pins")
+        for k, v in payload["state_dict"].items():
+            assert torch.equal(new["state_dict"][k], v)
+    before = out.read_bytes()
+    assert mod.main([str(out), "--data", str(data)]) == 0  # complete: left alone
+    assert out.read_bytes() == before
     other = tmp_path / "other.extxyz"
     write(other, frames)
     with pytest.raises(SystemExit, match="not the file the model was trained on"):
-        mod.main([str(old_path), "--data", str(other), "-o", str(tmp_path / "y.pt")])
+        mod.main([str(tmp_path / "no_refs.pt"), "--data", str(other), "-o", str(tmp_path / "y.pt")])
+    wrong = dict(no_refs, fragmentations=[dict(p, hyperedges=p["hyperedges"][1:]) for p in no_refs["fragmentations"]])
+    atomic_torch_save(wrong, tmp_path / "wrong.pt")
+    with pytest.raises(SystemExit, match="differ from the pinned ones"):
+        mod.main([str(tmp_path / "wrong.pt"), "--data", str(data)])
+    assert not (tmp_path / "y.pt").exists()
