@@ -218,3 +218,29 @@ def test_fit_stores_training_references_and_pin_fragmentations_restores_them(tra
     with pytest.raises(SystemExit, match="differ from the pinned ones"):
         mod.main([str(tmp_path / "wrong.pt"), "--data", str(data)])
     assert not (tmp_path / "y.pt").exists()
+
+
+def test_per_frame_errors_do_not_depend_on_the_batching(trained):
+    """The card's per-frame errors come in the trainer's batches (at most 16 frames and 1024 atoms)
+    and equal those of one frame at a time; their means are the card's MAEs."""
+    import numpy as np
+    import torch
+
+    from se3set_ase.data import read_frames
+    from se3set_ase.fragment import Fragmenter
+    from se3set_ase.model import load_model
+    from se3set_ase.training.cache import build_graphs
+    from se3set_ase.training.metrics import evaluate
+
+    model_path, data = trained
+    model, _ = load_model(model_path, dtype=torch.float64, device="cpu")
+    g = build_graphs(read_frames(data), model.config.fragment, pinned=Fragmenter.for_model(model).fragmentations())
+    mc = _make_card()
+    batched = mc.per_frame_errors(model, g, "cpu", torch.float64)
+    single = mc.per_frame_errors(model, g, "cpu", torch.float64, batch_size=1)
+    assert len(batched[0]) == len(g) == 30
+    for a, b in zip(batched, single):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    m = evaluate(model, g, 16, "cpu", torch.float64)
+    assert np.mean(np.abs(batched[0])) == pytest.approx(m["energy_mae_meV"], rel=1e-12)
+    assert np.mean(batched[2]) == pytest.approx(m["forces_mae_meV_A"], rel=1e-12)  # equal-size frames
