@@ -620,6 +620,34 @@ def test_ring_cut_of_a_symmetric_molecule_follows_the_atom_order_unless_pinned()
     assert _edges_in(Fragmenter(CUT12, pinned=[old]).fragmentation(z[p], r[p]), p) == _edges_in(fresh, p)
 
 
+def test_own_atom_order_gets_the_pin_as_trained_even_when_a_symmetric_relabelling_fits_better():
+    """An input in the pin's own atom order gets the hyperedges training used, not the relabelling
+    that fits the references best: a symmetric molecule far from its references (a nanotube frame
+    8 ps away) can fit a symmetry-equivalent relabelling better, which would move the cut. Here the
+    reference is coronene's own geometry relabelled by a graph automorphism (RMSD 0 for that
+    relabelling); another atom order still goes through the geometric match."""
+    from rdkit import Chem
+
+    from se3set_ase.fragment.match import best_isomorphism
+
+    z, r = _coronene()
+    pin = Fragmenter(CUT12).fragmentation(z, r)
+    m = Chem.AddHs(Chem.MolFromSmiles("c1cc2ccc3ccc4ccc5ccc6ccc1c7c2c3c4c5c67"))
+    assert [a.GetAtomicNum() for a in m.GetAtoms()] == list(z)
+    autos = [np.array(s) for s in m.GetSubstructMatches(m, uniquify=False, maxMatches=100)]
+    sigma = next(s for s in autos if _edges_in(pin.relabel(s), np.arange(len(z))) != _edges_in(pin, np.arange(len(z))))
+    moved = pin.with_references(r[sigma])  # reference atom i where input atom sigma[i] is
+    found = best_isomorphism(np.array(pin.topology.numbers), pin.topology.pairs(), moved.references, z,
+                             pin.topology.pairs(), r)
+    assert found is not None and found[1] < 1e-6 and np.array_equal(found[0], sigma)
+
+    fr = Fragmenter(CUT12, pinned=[moved])
+    assert fr.fragmentation(z, r) is moved  # own order: the pin itself, not the better-fitting relabelling
+    q = np.random.default_rng(2).permutation(len(z))
+    other = Fragmenter(CUT12, pinned=[moved]).fragmentation(z[q], r[q])
+    assert _edges_in(other, q) == _edges_in(pin.relabel(found[0]), np.arange(len(z)))
+
+
 def test_pinned_energy_and_forces_do_not_depend_on_the_atom_order(tmp_path):
     """A model pinning a ring-cut coronene fragmentation, saved and loaded: the same geometry in
     two random atom orders gives the same energy and the permuted forces, also from a distorted

@@ -160,15 +160,23 @@ class Fragmenter:
         return frag, r, d
 
     def _from_pins(self, key: bytes, z: np.ndarray, r: np.ndarray, adj: np.ndarray, charge: int) -> Fragmentation | None:
-        """The pinned fragmentation for this topology, decided once per topology: a pin with
-        reference geometries goes onto whatever atom order the input has, by the isomorphism
-        closest to one of its references (:func:`~se3set_ase.fragment.match.best_isomorphism`;
-        the same pin, unrelabelled, when that is the identity); one without (model files made
-        before references were stored) only onto its own atom order."""
+        """The pinned fragmentation for this topology, decided once per topology. An input in a
+        pin's own atom order (the same labelled bond graph) gets the pin as it is: the hyperedges
+        training used. Any other atom order gets a pin with reference geometries through the
+        isomorphism closest to one of its references
+        (:func:`~se3set_ase.fragment.match.best_isomorphism`); a pin without them (model files
+        made before references were stored) fits only its own atom order.
+
+        The own order is not sent through the geometric match because a highly symmetric
+        molecule far from every reference can fit a symmetry-equivalent relabelling better than
+        the identity (a double-walled nanotube test frame: RMSD 0.341 against 0.353 Å), which would
+        put the cut elsewhere than training did."""
         exact = self._pinned.get(key)
-        cands = self._by_formula.get(_formula_key(z, charge, int(np.triu(adj, 1).sum())), [])
-        if not cands or (exact is not None and exact.references is None):
+        if exact is not None:
             return exact
+        cands = self._by_formula.get(_formula_key(z, charge, int(np.triu(adj, 1).sum())), [])
+        if not cands:
+            return None
         pairs = np.argwhere(np.triu(adj, 1))
         best, best_rmsd = None, np.inf
         for pin in cands:
@@ -177,7 +185,7 @@ class Fragmenter:
             if found is not None and found[1] < best_rmsd:
                 best, best_rmsd = (pin, found[0]), found[1]
         if best is None:
-            return exact
+            return None
         pin, perm = best
         return pin if np.array_equal(perm, np.arange(len(perm))) else pin.relabel(perm)
 
