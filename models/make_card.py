@@ -170,29 +170,13 @@ def metrics_block(m: dict) -> dict:
     return out
 
 
-def per_frame_errors(model, data, device, dtype, batch_size: int = 16):
-    """Per frame: energy error (meV), energy error per atom (meV/atom), force MAE and RMSE (meV/Å),
-    in batches of at most ``batch_size`` frames and 1024 atoms (16 frames of the 370-atom nanotube at
-    once took 23 GB in float64)."""
-    import numpy as np
-
-    from se3set_ase.model import energy_and_forces
-    from se3set_ase.training.metrics import eval_batches, make_batch
-
-    de, de_atom, fmae, frmse = [], [], [], []
-    for idx in eval_batches([g.num_atoms for g in data.graphs], batch_size):  # the trainer's batching
-        b = make_batch(data, idx, device, dtype)
-        e, f, _ = energy_and_forces(model, b.graph, training=False)
-        d = (e.detach() - b.energy).double().cpu().numpy()
-        de += list(1000 * d)
-        de_atom += list(1000 * d / b.n_atoms.cpu().numpy())
-        df = (f.detach() - b.forces).double().cpu().numpy()
-        batch = b.graph.batch.cpu().numpy()
-        for g in range(len(idx)):
-            x = df[batch == g]
-            fmae.append(1000 * float(np.abs(x).mean()))
-            frmse.append(1000 * float(np.sqrt((x ** 2).mean())))
-    return de, de_atom, fmae, frmse
+def per_frame_errors(errors) -> dict[str, list[float]]:
+    """The card's per-frame table of ``training.metrics.FrameErrors``: energy error (meV), energy
+    error per atom (meV/atom), force MAE and RMSE over each frame's components (meV/Å)."""
+    de = 1000 * errors.energy
+    return {"energy_err_meV": de.tolist(), "energy_err_meV_per_atom": (de / errors.n_atoms).tolist(),
+            "forces_mae_meV_A": (1000 * errors.forces_mae()).tolist(),
+            "forces_rmse_meV_A": (1000 * errors.forces_rmse()).tolist()}
 
 
 def duplicates_across(frames, a_idx, b_idx, tol: float = 1e-8) -> int:
@@ -622,7 +606,7 @@ def measure_errors(model, model_path, meta, tr, frames, split, note) -> dict:
     from se3set_ase.fragment import Fragmenter
     from se3set_ase.model import load_model
     from se3set_ase.training.cache import build_graphs, training_fragmentations
-    from se3set_ase.training.metrics import evaluate
+    from se3set_ase.training.metrics import evaluate, frame_errors, summarize
 
     settings = model.config.fragment
     # the hypergraphs training used: the model's pinned fragmentations, or (model files from before
@@ -635,10 +619,9 @@ def measure_errors(model, model_path, meta, tr, frames, split, note) -> dict:
             continue
         note(f"[card] evaluating {k} ({len(frs)} frames, float64)")
         g = build_graphs(frs, settings, pinned=pins)
-        errors[k] = metrics_block(evaluate(model, g, 16, torch.device("cpu"), torch.float64))
-        de, dea, fm, fr_ = per_frame_errors(model, g, torch.device("cpu"), torch.float64)
-        per_frame[k] = {"frame_index": [int(i) for i in split[k]], "energy_err_meV": de,
-                        "energy_err_meV_per_atom": dea, "forces_mae_meV_A": fm, "forces_rmse_meV_A": fr_}
+        fe = frame_errors(model, g, 16, torch.device("cpu"), torch.float64)  # the trainer's batches
+        errors[k] = metrics_block(summarize(fe))
+        per_frame[k] = {"frame_index": [int(i) for i in split[k]], **per_frame_errors(fe)}
     if "test" in per_frame:
         fm = np.array(per_frame["test"]["forces_mae_meV_A"])
         per_frame["test"]["forces_mae_meV_A_quantiles"] = {

@@ -222,7 +222,7 @@ def test_fit_stores_training_references_and_pin_fragmentations_restores_them(tra
 
 def test_per_frame_errors_do_not_depend_on_the_batching(trained):
     """The card's per-frame errors come in the trainer's batches (at most 16 frames and 1024 atoms)
-    and equal those of one frame at a time; their means are the card's MAEs."""
+    and equal those of one frame at a time; their means are the trainer's MAEs."""
     import numpy as np
     import torch
 
@@ -230,17 +230,20 @@ def test_per_frame_errors_do_not_depend_on_the_batching(trained):
     from se3set_ase.fragment import Fragmenter
     from se3set_ase.model import load_model
     from se3set_ase.training.cache import build_graphs
-    from se3set_ase.training.metrics import evaluate
+    from se3set_ase.training.metrics import evaluate, frame_errors
 
     model_path, data = trained
     model, _ = load_model(model_path, dtype=torch.float64, device="cpu")
     g = build_graphs(read_frames(data), model.config.fragment, pinned=Fragmenter.for_model(model).fragmentations())
     mc = _make_card()
-    batched = mc.per_frame_errors(model, g, "cpu", torch.float64)
-    single = mc.per_frame_errors(model, g, "cpu", torch.float64, batch_size=1)
-    assert len(batched[0]) == len(g) == 30
-    for a, b in zip(batched, single):
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    batched = mc.per_frame_errors(frame_errors(model, g, 16, "cpu", torch.float64))
+    single = mc.per_frame_errors(frame_errors(model, g, 1, "cpu", torch.float64))
+    assert list(batched) == ["energy_err_meV", "energy_err_meV_per_atom", "forces_mae_meV_A", "forces_rmse_meV_A"]
+    assert len(batched["energy_err_meV"]) == len(g) == 30
+    for k in batched:
+        np.testing.assert_allclose(batched[k], single[k], rtol=1e-12, atol=1e-12)
     m = evaluate(model, g, 16, "cpu", torch.float64)
-    assert np.mean(np.abs(batched[0])) == pytest.approx(m["energy_mae_meV"], rel=1e-12)
-    assert np.mean(batched[2]) == pytest.approx(m["forces_mae_meV_A"], rel=1e-12)  # equal-size frames
+    assert np.mean(np.abs(batched["energy_err_meV"])) == pytest.approx(m["energy_mae_meV"], rel=1e-12)
+    assert np.mean(batched["forces_mae_meV_A"]) == pytest.approx(m["forces_mae_meV_A"], rel=1e-12)  # equal-size frames
+    n = len(read_frames(data)[0])
+    assert np.array(batched["energy_err_meV"]) / n == pytest.approx(batched["energy_err_meV_per_atom"], rel=1e-12)

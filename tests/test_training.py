@@ -419,7 +419,7 @@ def test_evaluation_batches_cap_atoms_and_do_not_change_the_errors():
     from se3set_ase.fragment import FragmentSettings
     from se3set_ase.model import ModelConfig, SE3SetModel
     from se3set_ase.training.cache import build_graphs
-    from se3set_ase.training.metrics import eval_batches, evaluate
+    from se3set_ase.training.metrics import eval_batches, evaluate, frame_errors
 
     assert [list(r) for r in eval_batches([9, 9, 30, 9, 9, 9], batch_size=2, max_atoms=20)] == \
         [[0, 1], [2], [3, 4], [5]]  # the 30-atom frame alone; never more than 2 frames
@@ -442,3 +442,11 @@ def test_evaluation_batches_cap_atoms_and_do_not_change_the_errors():
         for k in one:
             assert got[k] == pytest.approx(one[k], rel=1e-12), (max_atoms, k)
     assert one["forces_mae_meV_A"] > 1.0  # a random model: the errors compared are not zero
+    per_frame = frame_errors(model, data, 16, "cpu", torch.float64, max_atoms=20)  # mixed sizes per batch
+    assert [tuple(f.shape) for f in per_frame.forces] == [(9, 3), (3, 3), (9, 3), (9, 3), (3, 3), (3, 3), (9, 3)]
+    assert per_frame.n_atoms.tolist() == [9, 3, 9, 9, 3, 3, 9]
+    for i in (0, 1):  # each frame's own errors, wherever it sat in its batch
+        alone = frame_errors(model, build_graphs([[ethanol[0], water[0]][i]], FragmentSettings()), 1, "cpu",
+                             torch.float64)
+        assert per_frame.energy[i].item() == pytest.approx(alone.energy[0].item(), rel=1e-12)
+        torch.testing.assert_close(per_frame.forces[i], alone.forces[0], rtol=1e-12, atol=1e-14)

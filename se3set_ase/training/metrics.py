@@ -59,28 +59,58 @@ def eval_batches(n_atoms, batch_size: int, max_atoms: int = EVAL_MAX_ATOMS) -> l
     return out
 
 
-def evaluate(model, data: LabelledGraphs, batch_size: int, device, dtype,
-             max_atoms: int = EVAL_MAX_ATOMS) -> dict[str, float]:
-    """Energy and force errors of ``model`` on ``data``, in batches of at most ``batch_size``
-    frames and ``max_atoms`` atoms (the errors do not depend on the batching)."""
-    if len(data) == 0:
-        return {}
-    de, de_atom, df = [], [], []
+@dataclass
+class FrameErrors:
+    """Prediction minus reference, frame by frame (CPU, float64).
+
+    ``energy``: (F,) eV; ``n_atoms``: (F,); ``forces``: F tensors of shape (n_i, 3), eV/Å."""
+    energy: torch.Tensor
+    n_atoms: torch.Tensor
+    forces: list[torch.Tensor]
+
+    def forces_mae(self) -> np.ndarray:
+        """(F,) mean |ΔF| over each frame's Cartesian components, eV/Å."""
+        return np.array([f.abs().mean().item() for f in self.forces])
+
+    def forces_rmse(self) -> np.ndarray:
+        """(F,) root mean square ΔF over each frame's Cartesian components, eV/Å."""
+        return np.array([f.pow(2).mean().sqrt().item() for f in self.forces])
+
+
+def frame_errors(model, data: LabelledGraphs, batch_size: int, device, dtype,
+                 max_atoms: int = EVAL_MAX_ATOMS) -> FrameErrors:
+    """Energy and force errors of ``model`` on each frame of ``data``, evaluated in batches of at
+    most ``batch_size`` frames and ``max_atoms`` atoms (the errors do not depend on the batching)."""
+    de, n_atoms, df = [], [], []
     for idx in eval_batches([g.num_atoms for g in data.graphs], batch_size, max_atoms):
         b = make_batch(data, idx, device, dtype)
         e, f, _ = energy_and_forces(model, b.graph, training=False)
         de.append((e.detach() - b.energy).double().cpu())
-        de_atom.append(((e.detach() - b.energy) / b.n_atoms).double().cpu())
-        df.append((f.detach() - b.forces).double().cpu().flatten())
-    de, de_atom, df = torch.cat(de), torch.cat(de_atom), torch.cat(df)
+        n_atoms.append(b.n_atoms.cpu())
+        df += list(torch.split((f.detach() - b.forces).double().cpu(), b.n_atoms.tolist()))  # atoms in frame order
+    return FrameErrors(torch.cat(de), torch.cat(n_atoms), df)
+
+
+def summarize(errors: FrameErrors) -> dict[str, float]:
+    """MAE and RMSE of energy (meV, meV/atom) and forces (meV/Å, over all Cartesian components)."""
+    de, df = errors.energy, torch.cat([f.flatten() for f in errors.forces])
+    de_atom = de / errors.n_atoms
     return {
         "energy_mae_meV": 1000 * de.abs().mean().item(),
         "energy_rmse_meV": 1000 * de.pow(2).mean().sqrt().item(),
         "energy_mae_meV_per_atom": 1000 * de_atom.abs().mean().item(),
         "forces_mae_meV_A": 1000 * df.abs().mean().item(),
         "forces_rmse_meV_A": 1000 * df.pow(2).mean().sqrt().item(),
-        "n_frames": len(data),
+        "n_frames": len(de),
     }
+
+
+def evaluate(model, data: LabelledGraphs, batch_size: int, device, dtype,
+             max_atoms: int = EVAL_MAX_ATOMS) -> dict[str, float]:
+    """Energy and force errors of ``model`` on ``data`` (``summarize`` of ``frame_errors``)."""
+    if len(data) == 0:
+        return {}
+    return summarize(frame_errors(model, data, batch_size, device, dtype, max_atoms))
 
 
 def format_table(rows: dict[str, dict[str, float]]) -> str:
