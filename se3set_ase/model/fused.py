@@ -435,6 +435,10 @@ def _tp_sh(ctx: _Ctx, tp, xs: Feat, sh: Feat, edge_w: Sequence[Tensor] | None) -
                 out.append(_Outer(s, xw))
                 continue
             t = s * x
+        elif l2 == 0:
+            # C_{i0k} = delta_ik / sqrt(d1) (l3 = l1): S is y0 times a multiple of the identity, so
+            # T = x * (y0 C_000), an element-wise product instead of a per-edge (d1 x d1) matmul
+            t = x * (sh[i2] * _cg_sh(ctx, l1, l2, l3)[0, 0]).unsqueeze(2)
         else:
             # (measured: bmm beats broadcast-multiply + sum here, forward and backward)
             t = torch.bmm(s.transpose(1, 2), x)  # (E, d3, u)
