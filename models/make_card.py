@@ -768,7 +768,8 @@ def _measure(args, progress, model, model_path, name, meta, tr, data, frames, n,
         "training": {"command": tr.get("command"), "commands": tr.get("commands") or [tr.get("command")],
                      "epochs": tr.get("epochs"), "data_in_metadata": tr.get("data"), "frames": fr,
                      "seed": seed, "preset": tr.get("preset"), "parameters": tr.get("parameters"),
-                     "steps": tr.get("steps"), "wall_time_s": tr.get("wall_time_s"), "device": tr.get("device"),
+                     "steps": tr.get("steps"), "stopped": tr.get("stopped"),
+                     "wall_time_s": tr.get("wall_time_s"), "device": tr.get("device"),
                      "dtype": tr.get("dtype"), "metrics_in_metadata": meta_metrics,
                      **({"extra_train": tr["extra_train"]} if tr.get("extra_train") else {})},
         "split": {"function": "se3set_ase.data.split_indices", "n": n, "train": int(fr["train"]),
@@ -866,6 +867,33 @@ def resume_lines(t: dict) -> list[str]:
     return out
 
 
+def stop_lines(t: dict) -> list[str]:
+    """Card line for a training run that a time budget ended: where it stops depends on the machine."""
+    if t.get("stopped") != "max_time":
+        return []
+    return [f"- ended by `--max-time` after step {t['steps']}, before the planned schedule's end: the step a time "
+            "budget ends at depends on the machine and its load, so a rerun elsewhere stops at another step; "
+            f"the {'last' if len(t.get('commands') or []) > 1 else 'same'} command with `--max-steps {t['steps']}` in "
+            "place of `--max-time` stops where this run did"]
+
+
+def add_training_stop(out_dir: Path, card: dict) -> bool:
+    """Cards made before ``training.stopped`` was recorded: take it from the model file's metadata
+    (the same file: its sha256 is the card's). Returns whether the card changed."""
+    if "stopped" in card["training"]:
+        return False
+    model_path = out_dir / card["model"]["file"]
+    if sha256(model_path) != card["model"]["sha256"]:
+        sys.exit(f"{model_path} is not the model of its card (sha256 differs): remake the card")
+    import torch
+    from se3set_ase.model import load_model
+
+    _model, meta = load_model(model_path, dtype=torch.float32, device="cpu")
+    card["training"]["stopped"] = (meta.get("training") or {}).get("stopped")
+    (out_dir / f"{card['name']}.json").write_text(json.dumps(card, indent=1) + "\n")
+    return True
+
+
 def compiled_text(run: dict) -> str:
     """Card text for an MD run made with ``--compile`` (empty for an eager run)."""
     if "compiled" not in run:
@@ -924,6 +952,7 @@ def render_card(c: dict) -> str:
         f"- command: `{t['command']}`",
         *resume_lines(t),
         f"- {t['steps']} optimizer steps, wall time {_f(t['wall_time_s'], 0)} s on `{t['device']}`, training dtype {t['dtype']}, seed {t['seed']}",
+        *stop_lines(t),
         "", "## Errors (float64 evaluation, recomputed from the data file)", "",
         "| set | frames | E MAE meV | E RMSE meV | E MAE meV/atom | F MAE meV/Å | F RMSE meV/Å | F MAE kcal/mol/Å | F RMSE kcal/mol/Å |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -1116,6 +1145,7 @@ def main(argv=None) -> int:
     out_dir = Path(args.out_dir)
     if args.render_only:
         for card in load_cards(out_dir):
+            add_training_stop(out_dir, card)
             (out_dir / f"{card['name']}.md").write_text(render_card(card))
         print(f"wrote the cards and {write_readme(out_dir)}")
         return 0
