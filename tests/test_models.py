@@ -48,6 +48,10 @@ def _card(model_path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def _card_md(model_path: Path) -> str:
+    return model_path.with_suffix(".md").read_text()
+
+
 def _atoms(numbers, positions):
     from ase import Atoms
 
@@ -106,6 +110,10 @@ def test_metadata_matches_card(model_path):
     tr = meta["training"]
     assert card["training"]["parameters"] == tr["parameters"] == count_parameters(model)
     assert card["training"]["preset"] == tr["preset"]
+    assert card["training"]["steps"] == tr["steps"]
+    assert card["training"]["stopped"] == tr.get("stopped"), "how training ended (done / --max-time) differs"
+    if tr.get("stopped") == "max_time":  # the card says how to repeat a time-budget stop elsewhere
+        assert f"--max-steps {tr['steps']}" in _card_md(model_path)
     assert card["training"]["frames"] == tr["frames"]
     assert [card["split"][k] for k in ("train", "valid", "test")] == [tr["frames"][k] for k in ("train", "valid", "test")]
     assert card["split"]["seed"] == tr["seed"]
