@@ -613,13 +613,13 @@ def measure_errors(model, model_path, meta, tr, frames, split, note) -> dict:
     # pinning) what training froze, the first frame of each topology in the data file
     pins = Fragmenter.for_model(model).fragmentations() or training_fragmentations(frames, settings)
     sets = {k: [frames[i] for i in split[k]] for k in ("valid", "test")}
-    errors, per_frame = {}, {}
+    errors, per_frame, graphs = {}, {}, {}
     for k, frs in sets.items():
         if not frs:
             continue
         note(f"[card] evaluating {k} ({len(frs)} frames, float64)")
-        g = build_graphs(frs, settings, pinned=pins)
-        fe = frame_errors(model, g, 16, torch.device("cpu"), torch.float64)  # the trainer's batches
+        graphs[k] = build_graphs(frs, settings, pinned=pins)  # dtype-free: the split check reuses them
+        fe = frame_errors(model, graphs[k], 16, torch.device("cpu"), torch.float64)  # the trainer's batches
         errors[k] = metrics_block(summarize(fe))
         per_frame[k] = {"frame_index": [int(i) for i in split[k]], **per_frame_errors(fe)}
     if "test" in per_frame:
@@ -632,7 +632,7 @@ def measure_errors(model, model_path, meta, tr, frames, split, note) -> dict:
     ref_set = "test" if meta_metrics.get("test") else "valid"
     if meta_metrics.get(ref_set) and sets.get(ref_set):
         model32, _ = load_model(model_path, dtype=torch.float32, device="cpu")
-        m32 = evaluate(model32, build_graphs(sets[ref_set], settings, pinned=pins), 16, torch.device("cpu"),
+        m32 = evaluate(model32, graphs[ref_set], 16, torch.device("cpu"),
                        torch.float32 if tr.get("dtype", "float32") == "float32" else torch.float64)
         ref = meta_metrics[ref_set]["forces_mae_meV_A"]
         rel = abs(m32["forces_mae_meV_A"] - ref) / max(abs(ref), 1e-12)
