@@ -3,7 +3,7 @@
 
     python models/pin_fragmentations.py md17_salicylic_acid --data ../shared/data/md17/salicylic_acid.extxyz
     python models/pin_fragmentations.py gfn2_buckyball_catcher \\
-        --data models/data/buckyball-catcher_300K.extxyz.xz -o models/pending/gfn2_buckyball_catcher.pt
+        --data models/data/buckyball-catcher_300K.extxyz.xz -o runs/gfn2_buckyball_catcher_pinned.pt
 
 ``se3set-ase fit`` stores in every model file the fragmentation it froze for each bond topology of
 its data file (decided at the topology's first frame, in file order) with up to 16 training frames
