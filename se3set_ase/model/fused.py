@@ -424,11 +424,10 @@ def _tp_sh(ctx: _Ctx, tp, xs: Feat, sh: Feat, edge_w: Sequence[Tensor] | None) -
     out = []
     for p, (i1, i2, _io, l1, l2, l3, _pw, _off, _u, _v) in enumerate(meta.paths):
         x = xs[i1]
-        s = _sh_cg(ctx, sh[i2], l1, l2, l3)  # (E, d1, d3)
         if l1 == 0:
             # C_{0jk} = delta_jk / sqrt(d): T[z,k,u] = y[z,k] x[z,0,u] / sqrt(d)
             # (computed through the CG matrix so that it is exactly the e3nn constant)
-            s = s.view(s.shape[0], 2 * l3 + 1, 1)
+            s = _sh_cg(ctx, sh[i2], l1, l2, l3).view(x.shape[0], 2 * l3 + 1, 1)
             if l3 > 0:
                 # rank-1 in (k, u): keep it factored, the next linear applies W to x first
                 xw = x * edge_w[p].unsqueeze(1) if edge_w is not None else x
@@ -440,8 +439,8 @@ def _tp_sh(ctx: _Ctx, tp, xs: Feat, sh: Feat, edge_w: Sequence[Tensor] | None) -
             # T = x * (y0 C_000), an element-wise product instead of a per-edge (d1 x d1) matmul
             t = x * (sh[i2] * _cg_sh(ctx, l1, l2, l3)[0, 0]).unsqueeze(2)
         else:
-            # (measured: bmm beats broadcast-multiply + sum here, forward and backward)
-            t = torch.bmm(s.transpose(1, 2), x)  # (E, d3, u)
+            # S = Y . C (E, d1, d3); (measured: bmm beats broadcast-multiply + sum here, forward and backward)
+            t = torch.bmm(_sh_cg(ctx, sh[i2], l1, l2, l3).transpose(1, 2), x)  # (E, d3, u)
         if edge_w is not None:
             t = t * edge_w[p].unsqueeze(1)
         out.append(t)
