@@ -877,23 +877,6 @@ def stop_lines(t: dict) -> list[str]:
             "place of `--max-time` stops where this run did"]
 
 
-def add_training_stop(out_dir: Path, card: dict) -> bool:
-    """Cards made before ``training.stopped`` was recorded: take it from the model file's metadata
-    (the same file: its sha256 is the card's). Returns whether the card changed."""
-    if "stopped" in card["training"]:
-        return False
-    model_path = out_dir / card["model"]["file"]
-    if sha256(model_path) != card["model"]["sha256"]:
-        sys.exit(f"{model_path} is not the model of its card (sha256 differs): remake the card")
-    import torch
-    from se3set_ase.model import load_model
-
-    _model, meta = load_model(model_path, dtype=torch.float32, device="cpu")
-    card["training"]["stopped"] = (meta.get("training") or {}).get("stopped")
-    (out_dir / f"{card['name']}.json").write_text(json.dumps(card, indent=1) + "\n")
-    return True
-
-
 def compiled_text(run: dict) -> str:
     """Card text for an MD run made with ``--compile`` (empty for an eager run)."""
     if "compiled" not in run:
@@ -1145,7 +1128,6 @@ def main(argv=None) -> int:
     out_dir = Path(args.out_dir)
     if args.render_only:
         for card in load_cards(out_dir):
-            add_training_stop(out_dir, card)
             (out_dir / f"{card['name']}.md").write_text(render_card(card))
         print(f"wrote the cards and {write_readme(out_dir)}")
         return 0
