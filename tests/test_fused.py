@@ -63,9 +63,19 @@ def test_plain_path_really_runs_plain(monkeypatch):
     assert calls == [1] and "fused" not in model.__dict__  # plain, and the default is restored
 
 
+@pytest.fixture(params=[False, True], ids=["matmul-products", "unrolled-products"])
+def unroll(request):
+    """fused.unrolled_products: the eager layout (batched matmuls) and the compiled path's
+    (element-wise sums over the non-zero Clebsch-Gordan entries)."""
+    from se3set_ase.model.fused import unrolled_products
+
+    with unrolled_products(request.param):
+        yield request.param
+
+
 @pytest.mark.parametrize("preset", ["tiny", "small"])
 @pytest.mark.parametrize("frag,xyz", CASES)
-def test_fused_equals_plain_float64(preset, frag, xyz):
+def test_fused_equals_plain_float64(preset, frag, xyz, unroll):
     model, hg = _setup(preset, frag, xyz, torch.float64)
     if frag == "md22":
         assert bool(hg.token_switched.any()), "implicit case must exercise switched tokens"
@@ -148,7 +158,7 @@ def group(request, monkeypatch):
 
 @pytest.mark.parametrize("preset", ["tiny", "small"])
 @pytest.mark.parametrize("frag,xyz", CASES)
-def test_fused_training_gradients(preset, frag, xyz, group):
+def test_fused_training_gradients(preset, frag, xyz, group, unroll):
     """Double backward: parameter gradients of a force loss agree (batch of two molecules)."""
     model, hg = _setup(preset, frag, xyz, torch.float64)
     hg2 = hg.with_positions(hg.positions + 0.02 * torch.randn_like(hg.positions))
@@ -168,3 +178,31 @@ def test_fused_training_gradients(preset, frag, xyz, group):
         assert (a - b).abs().max().item() <= 1e-10 * scale, name
         nonzero += int(a.abs().max().item() > 0)
     assert nonzero > len(g0) // 2
+
+
+@pytest.mark.parametrize("l1,l2,l3", [(l1, l2, l3) for l1 in range(3) for l2 in range(3)
+                                      for l3 in range(abs(l1 - l2), min(l1 + l2, 2) + 1)])
+def test_unrolled_cg_products_equal_the_dense_contraction(l1, l2, l3):
+    """The element-wise forms of one Clebsch-Gordan path (diagonal constant, sparse sum, per-edge
+    S contraction) equal the dense contraction sum_ij C_ijk x_i y_j, and the diagonal form is
+    found exactly for the l = 0 paths."""
+    from se3set_ase.model.fused import _Ctx, _cg_diagonal, _cg_terms, _contract_unrolled, _pair_unrolled
+
+    model = torch.nn.Linear(1, 1)
+    ctx = _Ctx(model, torch.float64, torch.device("cpu"))
+    pw = 0.7
+    g = torch.Generator().manual_seed(l1 * 9 + l2 * 3 + l3)
+    x = torch.randn(6, 2 * l1 + 1, 4, dtype=torch.float64, generator=g)
+    y = torch.randn(6, 2 * l2 + 1, 4, dtype=torch.float64, generator=g)
+    c = pw * o3.wigner_3j(l1, l2, l3, dtype=torch.float64)
+    dense = torch.einsum("ijk,ziu,zju->zku", c, x, y)
+    diag = _cg_diagonal(ctx, l1, l2, l3, pw)
+    assert (diag is not None) == (l1 == 0 or l2 == 0)
+    if diag is not None:
+        torch.testing.assert_close(diag * x * y, dense, rtol=0, atol=1e-14)
+        assert diag.shape == (2 * l3 + 1, 1)
+    torch.testing.assert_close(_pair_unrolled(_cg_terms(ctx, l1, l2, l3, pw), x, y), dense, rtol=0, atol=1e-14)
+    # V2E form: one attribute vector per edge, S = Y . C contracted with x
+    yv = y[:, :, 0]
+    s = torch.einsum("ijk,zj->zik", c, yv)
+    torch.testing.assert_close(_contract_unrolled(s, x), torch.einsum("zik,ziu->zku", s, x), rtol=0, atol=1e-14)

@@ -32,6 +32,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..hypergraph import Hypergraph, no_host_sync
+from .fused import unrolled_products
 from .network import SE3SetModel, energy_and_forces
 from .per_topology import PerTopology, same_atoms
 
@@ -71,12 +72,17 @@ class CompiledEnergyForces:
         return self._graphs.builds
 
     def _compile(self, hg: Hypergraph) -> _Compiled:
+        static = hg.to(self.device, self.model.dtype)
+        with unrolled_products():  # per-edge CG products as element-wise sums: Inductor fuses them
+            return self._trace_and_compile(static)
+
+    def _trace_and_compile(self, static: Hypergraph) -> _Compiled:
         import torch.fx.experimental._config as fx_config
         from torch.fx.experimental.proxy_tensor import make_fx
 
-        static = hg.to(self.device, self.model.dtype)
         # one eager call first: it checks the elements and fills the model's caches (Clebsch-Gordan
-        # tensors, scaled frozen weights), none of which may happen while tracing
+        # tensors and their non-zero entries, scaled frozen weights), none of which may happen
+        # while tracing
         energy_and_forces(self.model, static, training=False)
 
         def call(pos: Tensor, *indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
