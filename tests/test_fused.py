@@ -65,8 +65,8 @@ def test_plain_path_really_runs_plain(monkeypatch):
 
 @pytest.fixture(params=[False, True], ids=["matmul-products", "unrolled-products"])
 def unroll(request):
-    """fused.unrolled_products: the eager layout (batched matmuls) and the compiled path's
-    (element-wise sums over the non-zero Clebsch-Gordan entries)."""
+    """fused.unrolled_products: the eager layout (CG products as batched matmuls) and the compiled
+    CPU path's (element-wise sums over the non-zero Clebsch-Gordan entries)."""
     from se3set_ase.model.fused import unrolled_products
 
     with unrolled_products(request.param):

@@ -21,7 +21,10 @@ With more than one torch thread, TorchInductor 2.13 writes the scatter and index
 accumulations (the backward of every gather) as vectorised atomic adds and its C++ code generation
 fails on those whose index does not vary along the vectorised loop (an assertion); compiling and
 calling with ``torch.use_deterministic_algorithms(True)`` set makes it call ATen's kernels for
-those accumulations instead (:func:`_threads_safe`), and the rest is compiled as before.
+those accumulations instead (:func:`_threads_safe`), and the rest is compiled as before. The
+per-edge Clebsch-Gordan products are traced as element-wise sums that Inductor fuses
+(:func:`.fused.unrolled_products`); ``benchmarks/bench_compiled.py`` times that against the eager
+layout's batched matmuls.
 """
 from __future__ import annotations
 
@@ -55,16 +58,21 @@ class CompiledEnergyForces:
     ``model``: an inference model (no parameter needs a gradient) on the CPU or a CUDA device
     (Triton kernels there; the calculator replays the compiled graph from a CUDA graph). Call with a
     hypergraph: returns total energies (G,) eV, forces (N, 3) eV/Å and per-atom energies (N,) eV.
-    ``compilations`` counts the graphs compiled so far.
+    ``compilations`` counts the graphs compiled so far. ``unroll_products``: trace the per-edge
+    Clebsch-Gordan products as element-wise sums (:func:`.fused.unrolled_products`; default on the
+    CPU) or as the eager path's batched matmuls (default on CUDA).
     """
 
-    def __init__(self, model: SE3SetModel, max_graphs: int = 4):
+    def __init__(self, model: SE3SetModel, max_graphs: int = 4, unroll_products: bool | None = None):
         self.device = next(model.parameters()).device
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(f"compiled energy + forces is implemented for the CPU and CUDA, not {self.device}")
         if any(p.requires_grad for p in model.parameters()):
             raise ValueError("compiled energy + forces is for inference: set requires_grad_(False) on the parameters")
         self.model = model
+        # measured on the CPU (benchmarks/bench_compiled.py); on CUDA not yet, so it keeps the
+        # layout whose H100 figures are recorded
+        self.unroll_products = self.device.type == "cpu" if unroll_products is None else unroll_products
         self._graphs: PerTopology[_Compiled] = PerTopology(self._compile, max_graphs, same=same_atoms)
 
     @property
@@ -73,7 +81,9 @@ class CompiledEnergyForces:
 
     def _compile(self, hg: Hypergraph) -> _Compiled:
         static = hg.to(self.device, self.model.dtype)
-        with unrolled_products():  # per-edge CG products as element-wise sums: Inductor fuses them
+        # per-edge CG products as element-wise sums, which Inductor fuses into its loops
+        # (``unroll_products=False``: as batched matmuls, the eager layout; for A/B timing)
+        with unrolled_products(self.unroll_products):
             return self._trace_and_compile(static)
 
     def _trace_and_compile(self, static: Hypergraph) -> _Compiled:

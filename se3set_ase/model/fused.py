@@ -31,6 +31,10 @@ How the pieces map onto the plain modules:
 - ``Gate`` (e3nn): the activations are called through the gate's own ``normalize2mom``
   modules, so the constants are the plain ones.
 
+- For the compiled path (:mod:`.compiled`) the per-edge CG contractions are traced as element-wise
+  sums over the CG tensor's non-zero entries (:func:`unrolled_products`), which TorchInductor
+  fuses into its loops, instead of batched matmuls (``benchmarks/bench_compiled.py``).
+
 Everything is batched over atoms/tokens/edges; Python loops run over the handful of l-paths.
 Tested against the plain forward in ``tests/test_fused.py`` (float64 to 1e-10, float32 to 1e-5,
 energies, forces and force-loss parameter gradients).
@@ -78,6 +82,10 @@ def unrolled_products(on: bool = True) -> Iterator[None]:
     finally:
         _UNROLL.reset(token)
 
+
+# Within unrolled_products(): the E2V products (shared weights, attribute = token features) are
+# unrolled too (True), or only the V2E ones (False: a smaller traced graph, faster to compile).
+UNROLL_SHARED_PRODUCTS = True
 
 _CACHE_ATTR = "_fused_cache"
 _META_ATTR = "_fused_meta"
@@ -579,7 +587,7 @@ def _tp_shared(ctx: _Ctx, tp, xs: Feat, attr: Feat) -> list[Tensor]:
             t = torch.matmul(c, y) * x
         elif l2 == 0:
             t = torch.matmul(c, x) * y
-        elif ctx.unroll:
+        elif ctx.unroll and UNROLL_SHARED_PRODUCTS:
             t = _pair_unrolled(_cg_terms(ctx, l1, l2, l3, pw), x, y)
         else:
             xx = (x.unsqueeze(2) * y.unsqueeze(1)).view(e, d1 * d2, u)

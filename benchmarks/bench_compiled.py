@@ -1,0 +1,105 @@
+"""A/B timing of the compiled energy + forces call on the CPU, layout variants in one process.
+
+Run: ``OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_compiled.py [--presets small,paper]
+[--molecule DHA] [--threads 2] [--calls 20] [--variants default,matmul]``
+
+Variants (``VARIANTS``): ``default`` is what ``compile=True`` does on the CPU (per-edge
+Clebsch-Gordan products unrolled into element-wise sums, :func:`se3set_ase.model.fused.unrolled_products`);
+``v2e-only`` unrolls only the V2E products; ``matmul`` is the eager layout (batched matmuls), which
+the compiled path used before 2026-12-06. For each preset the same model (random weights as in
+``bench_speed.py``, float32, frozen) is compiled once per variant, the wall time of each compile is
+printed (TorchInductor's disk cache makes a repeated compile of the same graph much faster, and
+variants share many kernels: only a first run on a fresh machine gives cold figures), and then the
+compiled graphs and the eager fused call are timed in alternation on the same hypergraph, so that a
+busy machine slows all alike: the ratios of the medians are the figures. Forces are compared with a
+float64 copy of the model (the issue's accuracy bound: max|dF| / max|F| <= 1e-5).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_speed import make_model, molecules  # noqa: E402
+from se3set_ase.fragment import Fragmenter, FragmentSettings  # noqa: E402
+from se3set_ase.model.compiled import CompiledEnergyForces  # noqa: E402
+from se3set_ase.model import fused  # noqa: E402
+from se3set_ase.model.fused import fused_energy_and_forces  # noqa: E402
+
+
+def rel_force_error(f: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((f.double() - ref.double()).abs().max() / ref.double().abs().max())
+
+
+# name -> (unroll_products, fused.UNROLL_SHARED_PRODUCTS)
+VARIANTS = {
+    "default": (True, True),  # what compile=True does on the CPU: every per-edge CG product unrolled
+    "v2e-only": (True, False),  # only the V2E products unrolled (a smaller graph)
+    "matmul": (False, True),  # the eager layout, as compiled before 2026-12-06: batched matmuls
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--presets", default="small,paper")
+    ap.add_argument("--molecule", default="DHA", help="aspirin, Ac-Ala3-NHMe, DHA or stachyose")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--variants", default="default,matmul",
+                    help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    args = ap.parse_args()
+    variants = args.variants.split(",")
+    torch.set_num_threads(args.threads)
+    mols = {name: (atoms, frag) for name, atoms, frag in molecules()}
+    atoms, frag = mols[args.molecule]
+    print(f"# {args.molecule} ({len(atoms)} atoms), {args.threads} thread(s), float32, torch {torch.__version__}")
+    print("# ms per energy + forces call (median, calls alternated), compile wall time, "
+          "max|dF|/max|F| against a float64 copy of the model")
+    print("| preset | variant | compile s | ms per call | eager fused / this | max|dF|/max|F| |")
+    print("|---|---|---|---|---|---|")
+    for preset in args.presets.split(","):
+        model = make_model(preset, frag, torch.device("cpu")).requires_grad_(False)
+        hg = Fragmenter(FragmentSettings.preset(frag))(atoms).to("cpu", torch.float32)
+        model64 = make_model(preset, frag, torch.device("cpu"), dtype=torch.float64)
+        model64.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in model.state_dict().items()})
+        _e64, f64, _ = fused_energy_and_forces(model64.requires_grad_(False), hg.to("cpu", torch.float64))
+
+        calls, compile_s = {"eager": lambda: fused_energy_and_forces(model, hg)}, {}
+        for name in variants:
+            unroll, shared = VARIANTS[name]
+            fused.UNROLL_SHARED_PRODUCTS = shared
+            t0 = time.perf_counter()
+            c = CompiledEnergyForces(model, unroll_products=unroll)
+            c(hg)
+            compile_s[name] = time.perf_counter() - t0
+            calls[name] = c
+            print(f"#   {preset}: compiled ({name}) in {compile_s[name]:.0f} s", flush=True)
+        fused.UNROLL_SHARED_PRODUCTS = True
+
+        times: dict[str, list[float]] = {k: [] for k in calls}
+        for key, fn in calls.items():
+            fn(hg) if key != "eager" else fn()
+        for _ in range(args.calls):
+            for key, fn in calls.items():
+                t0 = time.perf_counter()
+                fn(hg) if key != "eager" else fn()
+                times[key].append(time.perf_counter() - t0)
+        ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        print(f"| {preset} | eager fused | - | {ms['eager']:.1f} | 1.00x | "
+              f"{rel_force_error(fused_energy_and_forces(model, hg)[1], f64):.1e} |")
+        for name in variants:
+            err = rel_force_error(calls[name](hg)[1], f64)
+            print(f"| {preset} | {name} | {compile_s[name]:.0f} | {ms[name]:.1f} | {ms['eager'] / ms[name]:.2f}x | "
+                  f"{err:.1e} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
