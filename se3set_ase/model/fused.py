@@ -467,9 +467,8 @@ def _cg_terms(ctx: _Ctx, l1: int, l2: int, l3: int, pw: float) -> list[list[tupl
     hit = ctx.cg.get(key)
     if hit is None:
         c = _cg_pair(ctx, l1, l2, l3, pw).view(2 * l3 + 1, 2 * l1 + 1, 2 * l2 + 1).tolist()
-        hit = [[(i, [(j, cij) for j, cij in enumerate(ci) if cij != 0.0]) for i, ci in enumerate(ck)]
+        hit = [[(i, [(j, cij) for j, cij in enumerate(ci) if cij != 0.0]) for i, ci in enumerate(ck) if any(ci)]
                for ck in c]
-        hit = [[(i, js) for i, js in ck if js] for ck in hit]
         ctx.cg[key] = hit
     return hit
 
@@ -580,19 +579,12 @@ def _tp_shared(ctx: _Ctx, tp, xs: Feat, attr: Feat) -> list[Tensor]:
             # C_{0jk} (or C_{i0k}) = delta / sqrt(d): T = c * x * y, element-wise (the matmul with
             # the diagonal (d3, d2) matrix adds exact zeros only: the same numbers)
             t = (y * diag) * x if l1 == 0 else (x * diag) * y
-            out.append(t)
-            continue
-        c = _cg_pair(ctx, l1, l2, l3, pw)  # (d3, d1*d2)
-        if l1 == 0:
-            # T = x[:,0,u] * (C0^T Y): (d3, d2) @ (E, d2, u)
-            t = torch.matmul(c, y) * x
-        elif l2 == 0:
-            t = torch.matmul(c, x) * y
         elif ctx.unroll and UNROLL_SHARED_PRODUCTS:
             t = _pair_unrolled(_cg_terms(ctx, l1, l2, l3, pw), x, y)
         else:
+            # any path: the outer product x_i y_j contracted with pw * C, (d3, d1*d2)
             xx = (x.unsqueeze(2) * y.unsqueeze(1)).view(e, d1 * d2, u)
-            t = torch.matmul(c, xx)
+            t = torch.matmul(_cg_pair(ctx, l1, l2, l3, pw), xx)
         out.append(t)
     return out
 
