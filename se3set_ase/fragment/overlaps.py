@@ -151,8 +151,11 @@ class TensorBuilder:
         else:
             h, i = cross[:, 0], cross[:, 1]
             c = len(h)
-            v_src = self.pad[h][self.pad_mask[h]]  # members of each token's kernel, in order
-            v_dst = np.repeat(np.arange(self.m_own, self.m_own + c, dtype=np.int64), self.sizes[h])
+            k = self.sizes[h]
+            ends = np.cumsum(k)
+            # members of each token's kernel, in order: flat[starts[h] + 0 .. k - 1], token by token
+            v_src = self.flat[np.repeat(self.starts[h] - ends + k, k) + np.arange(ends[-1], dtype=np.int64)]
+            v_dst = np.repeat(np.arange(self.m_own, self.m_own + c, dtype=np.int64), k)
             sw = np.ones(self.m_own + c, dtype=bool)
             sw[: self.m_own] = False
             cat = np.concatenate
