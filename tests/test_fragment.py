@@ -734,3 +734,212 @@ def test_best_isomorphism_on_identical_molecules_and_the_decision_is_kept():
     assert Fragmenter(CUT12).fragmentation(zc, r2).topology == pin.topology
     assert fr.fragmentation(zc[p], r2[p]) is first
     assert fr.fragmentations()[0] is pin and len(fr.fragmentations()) == 2  # the pin and the last fresh one
+
+
+# --------------------------------------------------------------------------- pair list (large molecules)
+
+HG_TENSORS = ("numbers", "positions", "token_anchor", "token_edge", "token_switched", "v2e_src", "v2e_dst", "batch")
+
+
+def _dense_path(fr: Fragmenter) -> Fragmenter:
+    fr.pair_list_min_atoms = fr.pair_list_trajectory_min_atoms = 1 << 62
+    return fr
+
+
+def _pair_path(fr: Fragmenter) -> Fragmenter:
+    fr.pair_list_min_atoms = 0
+    return fr
+
+
+@pytest.fixture(scope="module")
+def ala6() -> Atoms:
+    """Ac-(Ala)6-NHMe (72 atoms), MMFF-minimised."""
+    return from_smiles("CC(=O)" + "N[C@@H](C)C(=O)" * 6 + "NC")
+
+
+def _outcome(fr: Fragmenter, z, r):
+    """What a call gives: (tensors, hits, misses, topology changed, skin reference) or the error."""
+    try:
+        hg = fr(z, r)
+    except (StructureError, FragmentationError) as exc:
+        return type(exc).__name__, str(exc), fr.hits, fr.misses
+    ref = fr.verlet_reference()
+    return ([getattr(hg, k) for k in HG_TENSORS], hg.num_graphs, fr.hits, fr.misses, fr.last_topology_changed,
+            None if ref is None else ref.tolist())
+
+
+def _same_outcome(a, b) -> bool:
+    if isinstance(a[0], str) or isinstance(b[0], str):
+        return a == b
+    return all(torch.equal(x, y) for x, y in zip(a[0], b[0])) and a[1:] == b[1:]
+
+
+def _stretch_path(atoms: Atoms, rng) -> tuple[list[np.ndarray], int]:
+    """An MD-like path of ``atoms``: oscillation (the cross-token list changes), one C-H bond
+    stretched past 1.3 (R_C + R_H) = 1.391 Å and back through the hysteresis window (1.177-1.391 Å)
+    to bonded, then a drift and a rotation that move atoms well past PAIR_SKIN / 2 (the pair list
+    is rebuilt). Returns the frames and the stretched H's index."""
+    r0 = atoms.positions.copy()
+    z = atoms.numbers
+    h = next(i for i in range(len(z)) if z[i] == 1 and z[np.argsort(_dist(atoms)[i])[0]] == 6)
+    c = int(np.argsort(_dist(atoms)[h])[0])
+    u = (r0[h] - r0[c]) / np.linalg.norm(r0[h] - r0[c])
+    phase = rng.uniform(0, 2 * np.pi, size=r0.shape)
+    period = rng.uniform(8, 20, size=r0.shape)
+    frames = [r0 + 0.08 * np.sin(2 * np.pi * t / period + phase) for t in range(16)]
+    # steps of 0.05 Å (a list lives 3 of them) and 0.02 Å from 1.36, where the jump from 1.0 rebuilds
+    # the list: it breaks at 1.40 in the middle of that list's life, re-forms at 1.15 with
+    # hysteresis (at 1.35 without); then a jump to 3 Å and back (the bond leaves the rebuilt
+    # list's candidates)
+    for bond in (1.15, 1.2, 1.25, 1.3, 1.0, 1.36, 1.38, 1.4, 1.45, 1.5, 1.45, 1.4, 1.35, 1.3, 1.25, 1.2, 1.15,
+                 1.1, 3.0, 1.09):
+        x = frames[-1].copy()
+        x[h] = x[c] + bond * u
+        frames.append(x)
+    walk = frames[-1].copy()
+    for _ in range(8):  # a drift of 0.05 Å per step per coordinate: the pair list expires
+        walk = walk + rng.normal(scale=0.05, size=walk.shape)
+        frames.append(walk)
+    angle = np.deg2rad(25)
+    rot = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    frames.append((walk - walk.mean(0)) @ rot.T + walk.mean(0))
+    return frames, h
+
+
+@pytest.mark.parametrize("hysteresis", [False, True])
+@pytest.mark.parametrize("skin", [0.0, 1.0])
+@pytest.mark.parametrize("settings", [MD17, MD22], ids=["md17", "md22"])
+def test_pair_list_gives_the_dense_hypergraphs_bit_for_bit(ala6, settings, skin, hysteresis):
+    """Along an MD-like path of a 72-atom peptide (cross tokens entering and leaving, a C-H bond
+    breaking and re-forming, the pair list rebuilt by a drift and a rotation) the pair-list path
+    gives every hypergraph tensor, hit, miss, topology-change flag and skin reference of the dense
+    path, to the bit."""
+    import dataclasses
+
+    cut = dataclasses.replace(settings, connectivity_only=True)  # a lone H: no RDKit bond orders
+    frames, _ = _stretch_path(ala6, np.random.default_rng(3))
+    dense = _dense_path(Fragmenter(cut, skin=skin, hysteresis=hysteresis))
+    pairs = _pair_path(Fragmenter(cut, skin=skin, hysteresis=hysteresis))
+    z = ala6.numbers
+    lists, tokens, changes, last_list = 0, set(), [], None
+    for x in frames:
+        a, b = _outcome(dense, z, x), _outcome(pairs, z, x)
+        assert _same_outcome(a, b)
+        assert pairs._pairs is not None and dense._pairs is None
+        lists += pairs._pairs is not last_list
+        last_list = pairs._pairs
+        tokens.add(a[0][2].numel())
+        changes.append(a[4])
+    assert lists >= 3, "the pair list should have been rebuilt along the path"
+    assert sum(changes) >= 2, "the C-H bond should have broken and re-formed"
+    if settings.mode == "implicit" and skin == 0:
+        assert len(tokens) > 3, "the cross-token list should have changed along the path"
+
+
+def test_pair_list_hysteresis_gives_the_dense_topology_sequence(ala6):
+    """With hysteresis the stretched bond re-forms later than without (the path goes through the
+    window between the forming and the breaking threshold); the pair list follows the dense path
+    either way."""
+    import dataclasses
+
+    cut = dataclasses.replace(MD17, connectivity_only=True)
+    frames, h = _stretch_path(ala6, np.random.default_rng(3))
+    sequences = {}
+    for hysteresis in (False, True):
+        for name, make in (("dense", _dense_path), ("pairs", _pair_path)):
+            fr = make(Fragmenter(cut, hysteresis=hysteresis))
+            sequences[name, hysteresis] = [sum(h in b[:2] for b in fr.fragmentation(ala6.numbers, x).topology.bonds)
+                                           for x in frames]
+    assert sequences["pairs", False] == sequences["dense", False]
+    assert sequences["pairs", True] == sequences["dense", True]
+    assert sequences["dense", True] != sequences["dense", False]
+    assert 0 in sequences["dense", True] and 0 in sequences["dense", False]
+
+
+def test_pair_list_raises_the_dense_error_for_atoms_that_come_too_close(ala6):
+    """Two atoms that were far apart when the pair list was built approach each other, step by
+    step or in one jump: the pair list (rebuilt once an atom moved skin / 2) raises the dense
+    path's error at the same step, naming the same pair; with two equally close pairs, the same
+    one (the first in (i, j) order, as the dense matrix's first minimum)."""
+    z, r0 = ala6.numbers, ala6.positions.copy()
+    d = _dist(ala6)
+    d[np.isinf(d)] = 0
+    a, b = np.unravel_index(np.argmax(d), d.shape)  # the two atoms farthest apart
+    assert d[a, b] > 10
+    dense, pairs = _dense_path(Fragmenter(MD17)), _pair_path(Fragmenter(MD17))
+    for fr in (dense, pairs):
+        fr(z, r0)
+    raised = 0
+    for t in np.linspace(0, 1, 25)[1:]:  # b walks onto a, ~0.5 Å per step
+        x = r0.copy()
+        x[b] = r0[b] + t * (r0[a] + np.array([0.3, 0.0, 0.0]) - r0[b])
+        e, f = _outcome(dense, z, x), _outcome(pairs, z, x)
+        assert _same_outcome(e, f)
+        raised += e[0] == "StructureError"
+    assert raised >= 1 and "closer than 0.5" in e[1]
+    for fr in (dense, pairs):
+        fr(z, r0)
+    jump = r0.copy()
+    jump[b] = r0[a] + np.array([0.0, 0.25, 0.0])  # far to overlapping in one step
+    e, f = _outcome(dense, z, jump), _outcome(pairs, z, jump)
+    assert e[0] == "StructureError" and _same_outcome(e, f)
+    # a tie: b and a third atom c exactly 0.25 Å from a (binary fractions: bit-equal distances)
+    c = int(np.argsort(d[a])[len(z) // 2])
+    tie = r0.copy()
+    tie[a] = np.round(r0[a])
+    tie[b], tie[c] = tie[a] + [0.25, 0, 0], tie[a] - [0.25, 0, 0]
+    e, f = _outcome(dense, z, tie), _outcome(pairs, z, tie)
+    assert e[0] == "StructureError" and "2 such pairs" in e[1] and _same_outcome(e, f)
+
+
+def test_pair_list_keeps_a_hydrogen_on_its_nearest_partner_like_the_dense_path():
+    """Monovalent hydrogens on the pair list: a proton between two waters stays with the nearer
+    O, moves on a transfer and, exactly midway (bit-equal distances), goes to the lower index, as
+    in the dense path; with and without hysteresis."""
+    for hysteresis in (False, True):
+        dense = _dense_path(Fragmenter(MD17, hysteresis=hysteresis))
+        pairs = _pair_path(Fragmenter(MD17, hysteresis=hysteresis))
+        for shift in (0.0, 0.1, 0.2, 0.5, 0.3, 0.0):  # 0.5: H1 halfway between O1 and O2 (0, 1.94)
+            atoms = _water_dimer(1.94, h_shift=shift)
+            results = [_outcome(fr, atoms.numbers, atoms.positions) for fr in (dense, pairs)]
+            assert _same_outcome(*results)
+            if not isinstance(results[0][0], str):
+                assert dense.fragmentation(atoms).topology == pairs.fragmentation(atoms).topology
+
+
+def test_neighbour_pairs_are_the_dense_pairs():
+    """The cell list finds exactly the pairs the dense matrix has below the cut-off, with the same
+    distances: a molecule, a cloud of two far-apart clusters, a cut-off beyond the molecule, and
+    coordinates too large for the grid."""
+    from se3set_ase.fragment.errors import distance_matrix
+    from se3set_ase.fragment.pairs import neighbour_pairs
+
+    rng = np.random.default_rng(4)
+    mol = read("ac_ala3_nhme").positions
+    clusters = np.concatenate([rng.normal(size=(60, 3)), 50 + rng.normal(size=(60, 3))])
+    for r, cutoff in ((mol, 2.3), (mol, 5.3), (mol, 100.0), (clusters, 1.0), (clusters, 3.0), (mol * 1e6, 2e6)):
+        d = distance_matrix(r)
+        want_i, want_j = np.nonzero(np.triu(d < cutoff, 1))
+        i, j, dij = neighbour_pairs(r, cutoff)
+        order = np.lexsort((j, i))
+        assert np.array_equal(i[order], want_i) and np.array_equal(j[order], want_j)
+        assert np.array_equal(dij[order], d[want_i, want_j])
+    assert len(neighbour_pairs(mol[:1], 5.0)[0]) == 0
+
+
+def test_default_fragmenter_takes_the_pair_list_on_a_trajectory_only(ala6):
+    """A default Fragmenter uses the pair list for a 72-atom molecule while the calls follow a
+    trajectory, and the dense matrix for unrelated geometries (a new list each call would cost
+    more); the results are the same either way."""
+    fr = Fragmenter(MD22)
+    assert fr.pair_list_trajectory_min_atoms <= len(ala6) < fr.pair_list_min_atoms
+    z, r = ala6.numbers, ala6.positions
+    fr(z, r)
+    assert fr._pairs is None  # the first call: nothing to follow
+    fr(z, r + 0.01)
+    assert fr._pairs is not None  # on a trajectory
+    far = r @ random_rotation(np.random.default_rng(1)).T
+    last = fr._pairs
+    a, b = fr(z, far), _dense_path(Fragmenter(MD22))(z, far)
+    assert all(torch.equal(getattr(a, k), getattr(b, k)) for k in HG_TENSORS)
+    assert fr._pairs is last  # a jump: the dense path, no new list

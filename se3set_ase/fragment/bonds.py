@@ -96,6 +96,25 @@ def monovalent_hydrogens(adj: np.ndarray, d: np.ndarray, hydrogens: np.ndarray) 
     return adj
 
 
+def monovalent_hydrogen_pairs(mask: np.ndarray, i: np.ndarray, j: np.ndarray, n: int, hydrogens: np.ndarray,
+                              distances) -> bool:
+    """:func:`monovalent_hydrogens` on an adjacency given as bonded flags ``mask`` (B,) of pairs
+    ``i`` < ``j`` (B,) sorted by (i, j) (changed in place), for ``n`` atoms: the same H atoms in the
+    same order, each keeping the same partner (the nearest, the lowest index on a tie).
+    ``distances(k)``: the distances (Å) of pairs ``k``, as :func:`~.errors.distance_matrix` has
+    them. Returns whether some H had several partners (only then is ``mask`` changed)."""
+    if hydrogens.size == 0:
+        return False
+    degree = np.bincount(i[mask], minlength=n) + np.bincount(j[mask], minlength=n)
+    several = hydrogens[degree[hydrogens] > 1]
+    for h in several:
+        # this H's bonds now, by partner index: (a, h) with a < h come first in (i, j) order
+        k = np.flatnonzero(mask & ((i == h) | (j == h)))
+        nearest = k[np.argmin(distances(k))]
+        mask[k[k != nearest]] = False
+    return bool(several.size)
+
+
 def _charge_int(charge) -> int:
     c = float(charge)
     if not np.isfinite(c) or c != round(c):

@@ -2,17 +2,30 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 import numpy as np
 import torch
 
 from ..hypergraph import Hypergraph, collate
 from .. import elements
-from .bonds import _charge_int, hysteresis_adjacency, monovalent_hydrogens, threshold_matrix, topology_from_pairs
+from .bonds import (_charge_int, hysteresis_adjacency, monovalent_hydrogen_pairs, monovalent_hydrogens,
+                    threshold_matrix, topology_from_pairs)
 from .core import FragmentSettings, Fragmentation, fragment_topology
 from .match import best_isomorphism
-from .errors import as_arrays, check_cell, check_close_pairs, check_elements, distance_matrix
+from .errors import (MIN_PAIR_DISTANCE, as_arrays, check_cell, check_close_pair_list, check_close_pairs,
+                     check_elements, distance_matrix, pair_distances)
+from .pairs import PAIR_SKIN, PairList, within
+
+
+class _PairState(NamedTuple):
+    """The bonds of :attr:`Fragmenter._last` on a pair list: what the next step compares with."""
+
+    pairs: PairList
+    band: np.ndarray | None  # the band's bonds before monovalent_hydrogens (None: not on this list)
+    mask: np.ndarray  # bonded flags (B,) of the list's bond candidates
+    complete: bool  # every bond of the adjacency is a bond candidate of this list
+    several: bool  # some H had several partners (monovalent_hydrogens changed the band's bonds)
 
 
 class Fragmenter:
@@ -45,7 +58,21 @@ class Fragmenter:
     Thermal fluctuations across the 1.3 threshold (a 1-3 pair in a strained ring, a stretched
     bond) then do not re-fragment the molecule; a reaction, which crosses both, still does.
     Off (default), each call's connectivity depends on its geometry alone, as in training.
+
+    Large molecules are handled per call without the dense (N, N) distance matrix: a Verlet pair
+    list (:class:`~se3set_ase.fragment.pairs.PairList`, rebuilt when an atom has moved
+    ``PAIR_SKIN / 2`` = 0.15 Å) gives the distances of the few pairs near a threshold, from which
+    the same connectivity, cache hits, close-contact errors and cross tokens follow, to the bit (the
+    dense matrix only on a topology change). See :meth:`_pair_path` for when (the class attributes
+    ``pair_list_min_atoms`` and ``pair_list_trajectory_min_atoms``; set them on an instance to choose).
     """
+
+    #: From this many atoms every call uses the pair list: building one costs no more than the
+    #: dense matrix even when each call needs a new one (benchmarks/bench_fragment.py).
+    pair_list_min_atoms: int = 256
+    #: From this many atoms a call on a trajectory (no atom moved ``PAIR_SKIN / 2`` since the
+    #: previous call) uses the pair list too: it then lasts many calls and beats the dense matrix.
+    pair_list_trajectory_min_atoms: int = 48
 
     def __init__(self, settings: FragmentSettings | None = None, cache_size: int = 256,
                  pinned: Iterable[Fragmentation] = (), skin: float = 0.0, hysteresis: bool = False):
@@ -64,10 +91,14 @@ class Fragmenter:
                                             []).append(f)
         self._cache: OrderedDict[bytes, Fragmentation] = OrderedDict()
         self._decided: dict[bytes, Fragmentation] = {}  # topology key -> pin (or its relabelling) used
-        # elements -> (bond thresholds, forming thresholds, H indices)
-        self._thr: dict[bytes, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        # elements -> (covalent radii, H indices, bond thresholds, forming thresholds); the (N, N)
+        # thresholds only once the dense path needs them
+        self._thr: dict[bytes, tuple] = {}
         self._last_key: bytes | None = None
         self._last = None  # (key, charge, numbers bytes, adjacency, fragmentation)
+        self._pairs: PairList | None = None  # the pair list of large molecules
+        self._last_pairs: _PairState | None = None  # self._last's bonds on self._pairs
+        self._previous: tuple[bytes, np.ndarray] | None = None  # the last call's atoms and positions
         self.last_topology_changed = False
         self.hits = 0
         self.misses = 0
@@ -89,6 +120,9 @@ class Fragmenter:
         self._thr.clear()
         self._last_key = None
         self._last = None
+        self._pairs = None
+        self._last_pairs = None
+        self._previous = None
 
     @staticmethod
     def _unpack(structure, positions, charge):
@@ -108,6 +142,7 @@ class Fragmenter:
         return numbers, positions, (0 if charge is None else charge), pbc, cell
 
     def _lookup(self, structure, positions, charge):
+        """(fragmentation, positions (N, 3), dense distances (N, N) or None, pair list or None)."""
         numbers, positions, charge, pbc, cell = self._unpack(structure, positions, charge)
         check_cell(pbc, cell)
         z, r = as_arrays(numbers, positions)
@@ -116,11 +151,15 @@ class Fragmenter:
         cached = self._thr.get(zkey)
         if cached is None:
             check_elements(z)
-            cached = (threshold_matrix(z), threshold_matrix(z, elements.FORMING_FACTOR), np.flatnonzero(z == 1))
+            cached = (elements.covalent_radii(z), np.flatnonzero(z == 1), None, None)
             if len(self._thr) > 4 * self.cache_size:
                 self._thr.clear()
             self._thr[zkey] = cached
-        thr, thr_form, hydrogens = cached
+        if self._pair_path(zkey, r):
+            return self._lookup_pairs(z, r, charge, zkey, cached[0], cached[1]), r, None, self._pairs
+        if cached[2] is None:
+            cached = self._thr[zkey] = cached[:2] + (threshold_matrix(z), threshold_matrix(z, elements.FORMING_FACTOR))
+        _, hydrogens, thr, thr_form = cached
         d = distance_matrix(r)
         check_close_pairs(z, d)
         last = self._last
@@ -131,9 +170,81 @@ class Fragmenter:
         adj = monovalent_hydrogens(adj, d, hydrogens)
         if (last is not None and last[1] == charge and last[2] == zkey
                 and np.array_equal(last[3], adj)):  # fast path: same topology as last call
-            self.last_topology_changed = False
-            self.hits += 1
-            return last[4], r, d
+            return self._unchanged(), r, d, None
+        return self._resolve(z, r, charge, zkey, adj, d, None), r, d, None
+
+    def _pair_path(self, zkey: bytes, r: np.ndarray) -> bool:
+        """Whether this call uses the pair list (the same results either way, only faster): from
+        ``pair_list_min_atoms`` atoms always; from ``pair_list_trajectory_min_atoms`` while the calls
+        follow a trajectory (the pair list is still valid, or no atom moved ``PAIR_SKIN / 2`` since
+        the previous call), not for unrelated geometries (a data set's frames), which would each need
+        a new list, costlier than the dense matrix for a small molecule."""
+        n = len(r)
+        if n >= self.pair_list_min_atoms:
+            return True
+        if n < self.pair_list_trajectory_min_atoms:
+            return False
+        previous, self._previous = self._previous, (zkey, r.copy())
+        pl = self._pairs
+        if pl is not None and pl.zkey == zkey and pl.valid(r):
+            return True
+        return previous is not None and previous[0] == zkey and within(previous[1], r, 0.5 * PAIR_SKIN)
+
+    def _lookup_pairs(self, z: np.ndarray, r: np.ndarray, charge: int, zkey: bytes, radii: np.ndarray,
+                      hydrogens: np.ndarray) -> Fragmentation:
+        """:meth:`_lookup`'s decisions for a large molecule, from the pair list (rebuilt here when
+        stale) instead of the dense distance matrix: the same close-contact error, adjacency (with
+        hysteresis and monovalent hydrogens), fast path, hits and misses."""
+        pl = self._pairs
+        if pl is None or pl.zkey != zkey or not pl.valid(r):
+            pl = self._pairs = PairList(r, radii, self._pair_reach(radii), zkey=zkey)
+        d_close, d_band = pl.step_distances(r)
+        check_close_pair_list(z, pl.close_i, pl.close_j, d_close)
+        last = self._last
+        state = None
+        if last is not None and last[1] == charge and last[2] == zkey:
+            state = self._pair_state(pl, last[3])
+        band = pl.band_bonds(d_band, state.mask[pl.band] if self.hysteresis and state is not None else None)
+        if (state is not None and state.band is not None and not state.several
+                and np.array_equal(state.band, band)):  # fast path: the same bonds as last call
+            return self._unchanged()
+        mask = pl.bond_mask(band)
+        several = monovalent_hydrogen_pairs(mask, pl.bi, pl.bj, len(z), hydrogens,
+                                            lambda k: pair_distances(r, pl.bi[k], pl.bj[k]))
+        new_state = _PairState(pl, band, mask, True, several)
+        if state is not None and state.complete and np.array_equal(state.mask, mask):
+            self._last_pairs = new_state
+            return self._unchanged()
+        return self._resolve(z, r, charge, zkey, pl.adjacency(mask), None, new_state)
+
+    def _pair_reach(self, radii: np.ndarray) -> float:
+        """Distance (Å) within which the pair list must be complete: the largest bond threshold
+        (with or without hysteresis), the close contact and, for implicit fragments, the
+        cross-token cut-off (+ ``skin``, for its Verlet list)."""
+        reach = max(elements.CONNECTIVITY_FACTOR, elements.FORMING_FACTOR) * 2.0 * float(radii.max())
+        reach = max(reach * (1 + 1e-9), MIN_PAIR_DISTANCE)
+        if self.settings.mode == "implicit":
+            reach = max(reach, self.settings.implicit_rc + self.skin)
+        return reach
+
+    def _pair_state(self, pl: PairList, adj: np.ndarray) -> _PairState:
+        """The bonds of the last call (adjacency ``adj`` (N, N)) on the pair list ``pl``."""
+        state = self._last_pairs
+        if state is not None and state.pairs is pl:
+            return state
+        mask = adj[pl.bi, pl.bj]  # a list built since: its candidates may miss a bond of adj
+        return _PairState(pl, None, mask, 2 * int(np.count_nonzero(mask)) == int(np.count_nonzero(adj)), True)
+
+    def _unchanged(self) -> Fragmentation:
+        """The fast path: the same topology as the last call."""
+        self.last_topology_changed = False
+        self.hits += 1
+        return self._last[4]
+
+    def _resolve(self, z: np.ndarray, r: np.ndarray, charge: int, zkey: bytes, adj: np.ndarray,
+                 d: np.ndarray | None, state: _PairState | None) -> Fragmentation:
+        """The fragmentation of connectivity ``adj`` (N, N), from the cache, the pins or RDKit;
+        ``d``: the dense distances if at hand; ``state``: its bonds on the pair list, if any."""
         key = _topology_key(len(z), charge, zkey, adj)
         self.last_topology_changed = self._last_key is not None and key != self._last_key
         self._last_key = key
@@ -157,7 +268,8 @@ class Fragmenter:
         else:
             self.hits += 1
         self._last = (key, charge, zkey, adj, frag)
-        return frag, r, d
+        self._last_pairs = state
+        return frag
 
     def _from_pins(self, key: bytes, z: np.ndarray, r: np.ndarray, adj: np.ndarray, charge: int) -> Fragmentation | None:
         """The pinned fragmentation for this topology, decided once per topology. An input in a
@@ -222,8 +334,8 @@ class Fragmenter:
 
         The charge comes from the argument, else ``atoms.info["charge"]``, else 0.
         """
-        frag, r, d = self._lookup(structure, positions, charge)
-        return frag.hypergraph(r, dtype=dtype, d=d, skin=self.skin)
+        frag, r, d, pairs = self._lookup(structure, positions, charge)
+        return frag.hypergraph(r, dtype=dtype, d=d, skin=self.skin, pairs=pairs)
 
     def batch(self, structures: Iterable, dtype: torch.dtype = torch.float64) -> Hypergraph:
         """Collate many structures (``ase.Atoms`` or ``(numbers, positions[, charge])``)."""

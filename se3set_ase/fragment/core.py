@@ -14,6 +14,7 @@ from .errors import as_arrays, check_close_pairs, check_elements, distance_matri
 from .groups import canonical_ranks, find_groups, topology_mol
 from .kernels import BO_METHODS, bond_order_matrix, group_matrices, merge_groups
 from .overlaps import TensorBuilder, explicit_overlaps
+from .pairs import PairList
 
 MODES = ("explicit", "implicit")
 
@@ -173,22 +174,27 @@ class Fragmentation:
     def _builder(self) -> TensorBuilder:
         return TensorBuilder(self.topology.numbers, self.hyperedges)
 
-    def cross_tokens(self, positions, d: np.ndarray | None = None) -> np.ndarray:
+    def cross_tokens(self, positions, d: np.ndarray | None = None, pairs: PairList | None = None) -> np.ndarray:
         """Implicit cross-token candidates (C, 2) as (hyperedge, atom) at ``positions``;
-        empty in explicit mode."""
+        empty in explicit mode. ``d``: the distance matrix (N, N) if at hand; ``pairs``: a pair
+        list valid at ``positions`` (the same tokens without the dense matrix)."""
         if self.settings.mode != "implicit":
             return np.zeros((0, 2), dtype=np.int64)
+        r = np.asarray(positions, dtype=np.float64)
+        if d is None and self._builder.pairs_usable(pairs, self.settings.implicit_rc):
+            return self._builder.cross_tokens_pairs(pairs, r, self.settings.implicit_rc)
         if d is None:
-            d = distance_matrix(np.asarray(positions, dtype=np.float64))
+            d = distance_matrix(r)
         return self._builder.cross_tokens(d, self.settings.implicit_rc)
 
     def hypergraph(self, positions, dtype: torch.dtype = torch.float64,
-                   d: np.ndarray | None = None, skin: float = 0.0) -> Hypergraph:
+                   d: np.ndarray | None = None, skin: float = 0.0, pairs: PairList | None = None) -> Hypergraph:
         """Hypergraph tensors at ``positions`` (same as ``hypergraph.from_tokens``).
 
         ``skin`` (Å, implicit mode): also list the cross tokens up to ``implicit_rc + skin`` and
         keep that list while no atom moved ``skin / 2`` (see ``TensorBuilder.cross_tokens_skin``):
-        same energy, index tensors that change rarely during MD.
+        same energy, index tensors that change rarely during MD. ``d`` (N, N) or ``pairs`` (a
+        :class:`~.pairs.PairList` valid at ``positions``): distances at hand, same tensors.
         """
         r = np.asarray(positions, dtype=np.float64)
         if r.shape != (self.topology.num_atoms, 3):
@@ -196,9 +202,9 @@ class Fragmentation:
         if self.settings.mode == "explicit":
             return self._builder.static(r, dtype)
         if skin > 0:
-            cross = self._builder.cross_tokens_skin(r, self.settings.implicit_rc, skin, d)
+            cross = self._builder.cross_tokens_skin(r, self.settings.implicit_rc, skin, d, pairs)
         else:
-            cross = self.cross_tokens(r, d)
+            cross = self.cross_tokens(r, d, pairs)
         return self._builder.with_cross(r, cross, dtype)
 
 

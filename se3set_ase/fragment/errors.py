@@ -88,6 +88,21 @@ def distance_matrix(r: np.ndarray) -> np.ndarray:
     return d
 
 
+def pair_distances(r: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Distances (P,) in Å of the pairs ``(i[k], j[k])`` of positions ``r`` (N, 3), computed with
+    the operations of :func:`distance_matrix` in the same order, so equal to its entries to the bit."""
+    x, y, z = r.T
+    d = x[i] - x[j]
+    d *= d
+    t = y[i] - y[j]
+    t *= t
+    d += t
+    t = z[i] - z[j]
+    t *= t
+    d += t
+    return np.sqrt(d, out=d)
+
+
 def check_close_pairs(z: np.ndarray, d: np.ndarray) -> None:
     """Raise if any pair is closer than :data:`MIN_PAIR_DISTANCE` (``d`` from :func:`distance_matrix`)."""
     if d.shape[0] < 2:
@@ -95,13 +110,27 @@ def check_close_pairs(z: np.ndarray, d: np.ndarray) -> None:
     k = int(np.argmin(d))
     i, j = divmod(k, d.shape[0])
     if d[i, j] < MIN_PAIR_DISTANCE:
-        i, j = min(i, j), max(i, j)
-        n_bad = int(np.count_nonzero(np.triu(d < MIN_PAIR_DISTANCE, 1)))
-        more = f" ({n_bad} such pairs in all)" if n_bad > 1 else ""
-        raise StructureError(
-            f"atoms {elements.symbol(z[i])}{i} and {elements.symbol(z[j])}{j} are "
-            f"{d[i, j]:.3f} Å apart, closer than {MIN_PAIR_DISTANCE} Å{more}"
-        )
+        _raise_close_pair(z, min(i, j), max(i, j), d[i, j], int(np.count_nonzero(np.triu(d < MIN_PAIR_DISTANCE, 1))))
+
+
+def check_close_pair_list(z: np.ndarray, i: np.ndarray, j: np.ndarray, d: np.ndarray) -> None:
+    """:func:`check_close_pairs` over listed pairs: ``i`` < ``j`` (P,) sorted by (i, j), holding
+    every pair closer than :data:`MIN_PAIR_DISTANCE`, with distances ``d`` (P,) Å from
+    :func:`pair_distances`. The same error names the same pair: among the closest pairs, the first
+    in (i, j) order, as the first minimum of the dense matrix in row-major order is."""
+    if len(d) == 0:
+        return
+    k = int(np.argmin(d))
+    if d[k] < MIN_PAIR_DISTANCE:
+        _raise_close_pair(z, int(i[k]), int(j[k]), d[k], int(np.count_nonzero(d < MIN_PAIR_DISTANCE)))
+
+
+def _raise_close_pair(z: np.ndarray, i: int, j: int, dij: float, n_bad: int) -> None:
+    more = f" ({n_bad} such pairs in all)" if n_bad > 1 else ""
+    raise StructureError(
+        f"atoms {elements.symbol(z[i])}{i} and {elements.symbol(z[j])}{j} are "
+        f"{dij:.3f} Å apart, closer than {MIN_PAIR_DISTANCE} Å{more}"
+    )
 
 
 def validate_structure(numbers, positions, pbc=None, cell=None) -> tuple[np.ndarray, np.ndarray]:

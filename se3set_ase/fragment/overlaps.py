@@ -11,6 +11,7 @@ import torch
 
 from ..hypergraph import Hypergraph
 from .errors import distance_matrix
+from .pairs import PairList
 
 
 def explicit_overlaps(kernel_groups, isolated, gsum: np.ndarray, c_w: float) -> list[list[int]]:
@@ -73,6 +74,8 @@ class TensorBuilder:
         self.owner = np.full(self.n, -1, dtype=np.int64)
         if len(sizes):
             self.owner[flat] = self.edge  # last writer wins; only meaningful without overlaps
+        # the hyperedges partition the atoms (implicit mode): cross tokens can come from a pair list
+        self._partition = self.m_own == self.n and bool((self.owner >= 0).all())
 
     def positions(self, positions, dtype):
         return torch.as_tensor(np.asarray(positions, dtype=np.float64)).to(dtype)
@@ -107,8 +110,18 @@ class TensorBuilder:
         out[:, 1] = i
         return out
 
+    def pairs_usable(self, pairs: PairList | None, cutoff: float) -> bool:
+        """Whether ``pairs`` can give the cross tokens within ``cutoff`` Å: it lists every pair
+        that near, and the hyperedges partition the atoms (else the dense path is used)."""
+        return pairs is not None and self._partition and pairs.n == self.n and pairs.covers(cutoff)
+
+    def cross_tokens_pairs(self, pairs: PairList, positions: np.ndarray, r_c: float) -> np.ndarray:
+        """:meth:`cross_tokens` at ``positions`` (N, 3) from a pair list valid there (see
+        :meth:`pairs_usable`): the same tokens in the same order, without the (N, N) matrix."""
+        return pairs.cross_tokens(positions, self.owner, len(self.sizes), r_c)
+
     def cross_tokens_skin(self, positions: np.ndarray, r_c: float, skin: float,
-                          d: np.ndarray | None = None) -> np.ndarray:
+                          d: np.ndarray | None = None, pairs: PairList | None = None) -> np.ndarray:
         """Cross tokens within ``r_c + skin`` (Å) of a reference geometry, kept until some atom has
         moved ``skin / 2`` from it (a Verlet list). Every (h, i) with an atom of h within r_c of i
         now is in the list, since no distance has shrunk by ``skin`` or more; the extra tokens are
@@ -120,9 +133,12 @@ class TensorBuilder:
             moved2 = ((positions - ref[1]) ** 2).sum(axis=1).max() if len(positions) else 0.0
             if moved2 < (0.5 * skin) ** 2:
                 return ref[2]
-        if d is None:
-            d = distance_matrix(positions)
-        cross = self.cross_tokens(d, r_c + skin)
+        if d is None and self.pairs_usable(pairs, r_c + skin):
+            cross = pairs.tokens_within(positions, self.owner, len(self.sizes), r_c + skin)
+        else:
+            if d is None:
+                d = distance_matrix(positions)
+            cross = self.cross_tokens(d, r_c + skin)
         self._verlet = (skin, positions.copy(), cross)
         return cross
 
