@@ -25,6 +25,7 @@ from se3set_ase.fragment import (
 )
 
 from se3set_ase.fragment.bonds import connectivity  # noqa: E402
+from se3set_ase.fragment.pairs import PAIR_SKIN  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 MD17 = FragmentSettings.preset("md17")
@@ -775,29 +776,39 @@ def _same_outcome(a, b) -> bool:
 
 
 def _stretch_path(atoms: Atoms, rng) -> tuple[list[np.ndarray], int]:
-    """An MD-like path of ``atoms``: oscillation (the cross-token list changes), one C-H bond
+    """An MD-like path of ``atoms``: oscillation (the cross-token list changes); one C-H bond
     stretched past 1.3 (R_C + R_H) = 1.391 Å and back through the hysteresis window (1.177-1.391 Å)
-    to bonded, then a drift and a rotation that move atoms well past PAIR_SKIN / 2 (the pair list
-    is rebuilt). Returns the frames and the stretched H's index."""
+    to bonded; a jump to 3 Å (out of the rebuilt list's bond candidates) and back; swung 40
+    degrees at 1.36 Å (a jump: the pair list is rebuilt with the bond just inside the threshold)
+    and stretched 0.02 Å per step, so that it breaks in the middle of that list's life, and back;
+    a drift and a rotation (more list rebuilds). Returns the frames and the stretched H's index."""
     r0 = atoms.positions.copy()
     z = atoms.numbers
     h = next(i for i in range(len(z)) if z[i] == 1 and z[np.argsort(_dist(atoms)[i])[0]] == 6)
     c = int(np.argsort(_dist(atoms)[h])[0])
     u = (r0[h] - r0[c]) / np.linalg.norm(r0[h] - r0[c])
+    w = np.cross(u, [0.0, 0.0, 1.0])
+    w /= np.linalg.norm(w)
     phase = rng.uniform(0, 2 * np.pi, size=r0.shape)
     period = rng.uniform(8, 20, size=r0.shape)
     frames = [r0 + 0.08 * np.sin(2 * np.pi * t / period + phase) for t in range(16)]
-    # steps of 0.05 Å (a list lives 3 of them) and 0.02 Å from 1.36, where the jump from 1.0 rebuilds
-    # the list: it breaks at 1.40 in the middle of that list's life, re-forms at 1.15 with
-    # hysteresis (at 1.35 without); then a jump to 3 Å and back (the bond leaves the rebuilt
-    # list's candidates)
-    for bond in (1.15, 1.2, 1.25, 1.3, 1.0, 1.36, 1.38, 1.4, 1.45, 1.5, 1.45, 1.4, 1.35, 1.3, 1.25, 1.2, 1.15,
-                 1.1, 3.0, 1.09):
+
+    def place(bond, direction):
         x = frames[-1].copy()
-        x[h] = x[c] + bond * u
+        x[h] = x[c] + bond * direction
         frames.append(x)
+
+    # breaks at 1.40, re-forms at 1.35 (1.15 with hysteresis)
+    for bond in (1.15, 1.2, 1.25, 1.3, 1.35, 1.4, 1.45, 1.5, 1.45, 1.4, 1.35, 1.3, 1.25, 1.2, 1.15, 1.1):
+        place(bond, u)
+    for bond in (3.0, 1.09):
+        place(bond, u)
+    swung = np.cos(np.deg2rad(40)) * u + np.sin(np.deg2rad(40)) * w
+    for bond in (1.36, 1.38, 1.4, 1.42):
+        place(bond, swung)
+    place(1.1, u)
     walk = frames[-1].copy()
-    for _ in range(8):  # a drift of 0.05 Å per step per coordinate: the pair list expires
+    for _ in range(8):  # a drift of 0.05 Å per step per coordinate
         walk = walk + rng.normal(scale=0.05, size=walk.shape)
         frames.append(walk)
     angle = np.deg2rad(25)
@@ -806,20 +817,22 @@ def _stretch_path(atoms: Atoms, rng) -> tuple[list[np.ndarray], int]:
     return frames, h
 
 
+@pytest.mark.parametrize("pair_skin", [0.3, PAIR_SKIN])
 @pytest.mark.parametrize("hysteresis", [False, True])
 @pytest.mark.parametrize("skin", [0.0, 1.0])
 @pytest.mark.parametrize("settings", [MD17, MD22], ids=["md17", "md22"])
-def test_pair_list_gives_the_dense_hypergraphs_bit_for_bit(ala6, settings, skin, hysteresis):
+def test_pair_list_gives_the_dense_hypergraphs_bit_for_bit(ala6, settings, skin, hysteresis, pair_skin):
     """Along an MD-like path of a 72-atom peptide (cross tokens entering and leaving, a C-H bond
-    breaking and re-forming, the pair list rebuilt by a drift and a rotation) the pair-list path
-    gives every hypergraph tensor, hit, miss, topology-change flag and skin reference of the dense
-    path, to the bit."""
+    breaking and re-forming, also in the middle of a list's life, the pair list rebuilt) the
+    pair-list path gives every hypergraph tensor, hit, miss, topology-change flag and skin
+    reference of the dense path, to the bit (with the default pair-list skin and a narrower one)."""
     import dataclasses
 
     cut = dataclasses.replace(settings, connectivity_only=True)  # a lone H: no RDKit bond orders
     frames, _ = _stretch_path(ala6, np.random.default_rng(3))
     dense = _dense_path(Fragmenter(cut, skin=skin, hysteresis=hysteresis))
     pairs = _pair_path(Fragmenter(cut, skin=skin, hysteresis=hysteresis))
+    pairs.pair_skin = pair_skin
     z = ala6.numbers
     lists, tokens, changes, last_list = 0, set(), [], None
     for x in frames:
@@ -831,7 +844,7 @@ def test_pair_list_gives_the_dense_hypergraphs_bit_for_bit(ala6, settings, skin,
         tokens.add(a[0][2].numel())
         changes.append(a[4])
     assert lists >= 3, "the pair list should have been rebuilt along the path"
-    assert sum(changes) >= 2, "the C-H bond should have broken and re-formed"
+    assert sum(changes) >= 6, "the C-H bond should have broken and re-formed three times"
     if settings.mode == "implicit" and skin == 0:
         assert len(tokens) > 3, "the cross-token list should have changed along the path"
 
@@ -877,6 +890,17 @@ def test_pair_list_raises_the_dense_error_for_atoms_that_come_too_close(ala6):
         assert _same_outcome(e, f)
         raised += e[0] == "StructureError"
     assert raised >= 1 and "closer than 0.5" in e[1]
+    for fr in (dense, pairs):
+        fr(z, r0)
+    near = int(np.argsort(d[a])[1])  # a close neighbour of a, pulled in 0.1 Å a step (one list)
+    raised = 0
+    for gap in np.arange(1.0, 0.25, -0.1):
+        x = r0.copy()
+        x[near] = r0[a] + gap * (r0[near] - r0[a]) / np.linalg.norm(r0[near] - r0[a])
+        e, f = _outcome(dense, z, x), _outcome(pairs, z, x)
+        assert _same_outcome(e, f)
+        raised += e[0] == "StructureError"
+    assert raised >= 2
     for fr in (dense, pairs):
         fr(z, r0)
     jump = r0.copy()

@@ -61,18 +61,21 @@ class Fragmenter:
 
     Large molecules are handled per call without the dense (N, N) distance matrix: a Verlet pair
     list (:class:`~se3set_ase.fragment.pairs.PairList`, rebuilt when an atom has moved
-    ``PAIR_SKIN / 2`` = 0.15 Å) gives the distances of the few pairs near a threshold, from which
+    ``pair_skin / 2`` = 0.5 Å) gives the distances of the few pairs near a threshold, from which
     the same connectivity, cache hits, close-contact errors and cross tokens follow, to the bit (the
     dense matrix only on a topology change). See :meth:`_pair_path` for when (the class attributes
-    ``pair_list_min_atoms`` and ``pair_list_trajectory_min_atoms``; set them on an instance to choose).
+    ``pair_list_min_atoms`` and ``pair_list_trajectory_min_atoms``; set them, and ``pair_skin``, on
+    an instance to choose).
     """
 
     #: From this many atoms every call uses the pair list: building one costs no more than the
     #: dense matrix even when each call needs a new one (benchmarks/bench_fragment.py).
     pair_list_min_atoms: int = 256
-    #: From this many atoms a call on a trajectory (no atom moved ``PAIR_SKIN / 2`` since the
+    #: From this many atoms a call on a trajectory (no atom moved ``pair_skin / 4`` since the
     #: previous call) uses the pair list too: it then lasts many calls and beats the dense matrix.
     pair_list_trajectory_min_atoms: int = 48
+    #: Skin (Å) of the pair list (:data:`~se3set_ase.fragment.pairs.PAIR_SKIN`).
+    pair_skin: float = PAIR_SKIN
 
     def __init__(self, settings: FragmentSettings | None = None, cache_size: int = 256,
                  pinned: Iterable[Fragmentation] = (), skin: float = 0.0, hysteresis: bool = False):
@@ -176,9 +179,10 @@ class Fragmenter:
     def _pair_path(self, zkey: bytes, r: np.ndarray) -> bool:
         """Whether this call uses the pair list (the same results either way, only faster): from
         ``pair_list_min_atoms`` atoms always; from ``pair_list_trajectory_min_atoms`` while the calls
-        follow a trajectory (the pair list is still valid, or no atom moved ``PAIR_SKIN / 2`` since
-        the previous call), not for unrelated geometries (a data set's frames), which would each need
-        a new list, costlier than the dense matrix for a small molecule."""
+        follow a trajectory (the pair list is still valid, or no atom moved ``pair_skin / 4`` = 0.25 Å
+        since the previous call: MD steps move atoms < 0.05 Å), not for unrelated geometries (a data
+        set's frames, 10 fs apart or more: ~0.5 Å), which would each need a new list, costlier than
+        the dense matrix for a small molecule."""
         n = len(r)
         if n >= self.pair_list_min_atoms:
             return True
@@ -188,7 +192,7 @@ class Fragmenter:
         pl = self._pairs
         if pl is not None and pl.zkey == zkey and pl.valid(r):
             return True
-        return previous is not None and previous[0] == zkey and within(previous[1], r, 0.5 * PAIR_SKIN)
+        return previous is not None and previous[0] == zkey and within(previous[1], r, 0.25 * self.pair_skin)
 
     def _lookup_pairs(self, z: np.ndarray, r: np.ndarray, charge: int, zkey: bytes, radii: np.ndarray,
                       hydrogens: np.ndarray) -> Fragmentation:
@@ -196,8 +200,8 @@ class Fragmenter:
         stale) instead of the dense distance matrix: the same close-contact error, adjacency (with
         hysteresis and monovalent hydrogens), fast path, hits and misses."""
         pl = self._pairs
-        if pl is None or pl.zkey != zkey or not pl.valid(r):
-            pl = self._pairs = PairList(r, radii, self._pair_reach(radii), zkey=zkey)
+        if pl is None or pl.zkey != zkey or pl.skin != self.pair_skin or not pl.valid(r):
+            pl = self._pairs = PairList(r, radii, self._pair_reach(radii), self.pair_skin, zkey)
         d_close, d_band = pl.step_distances(r)
         check_close_pair_list(z, pl.close_i, pl.close_j, d_close)
         last = self._last
