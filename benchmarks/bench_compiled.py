@@ -39,11 +39,14 @@ def rel_force_error(f: torch.Tensor, ref: torch.Tensor) -> float:
     return float((f.double() - ref.double()).abs().max() / ref.double().abs().max())
 
 
-# name -> (unroll_products, fused.UNROLL_SHARED_PRODUCTS)
+# name -> (unroll_products, fused.UNROLL_SHARED_PRODUCTS, TorchInductor options)
 VARIANTS = {
-    "default": (True, True),  # what compile=True does on the CPU: every per-edge CG product unrolled
-    "v2e-only": (True, False),  # only the V2E products unrolled (a smaller graph)
-    "matmul": (False, True),  # the eager layout, as compiled before 2026-12-06: batched matmuls
+    "default": (True, True, None),  # what compile=True does on the CPU: every per-edge CG product unrolled
+    "v2e-only": (True, False, None),  # only the V2E products unrolled (a smaller graph)
+    "matmul": (False, True, None),  # the eager layout, as compiled before 2026-12-06: batched matmuls
+    # default layout, Inductor's freezing: the frozen weights constant-folded and, for the matrix
+    # products with a constant weight, prepacked for oneDNN
+    "freezing": (True, True, {"freezing": True}),
 }
 
 
@@ -74,10 +77,10 @@ def main() -> None:
 
         calls, compile_s = {"eager": lambda: fused_energy_and_forces(model, hg)}, {}
         for name in variants:
-            unroll, shared = VARIANTS[name]
+            unroll, shared, options = VARIANTS[name]
             fused.UNROLL_SHARED_PRODUCTS = shared
             t0 = time.perf_counter()
-            c = CompiledEnergyForces(model, unroll_products=unroll)
+            c = CompiledEnergyForces(model, unroll_products=unroll, inductor_options=options)
             c(hg)
             compile_s[name] = time.perf_counter() - t0
             calls[name] = lambda c=c: c(hg)

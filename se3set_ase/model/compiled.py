@@ -60,10 +60,13 @@ class CompiledEnergyForces:
     hypergraph: returns total energies (G,) eV, forces (N, 3) eV/Å and per-atom energies (N,) eV.
     ``compilations`` counts the graphs compiled so far. ``unroll_products``: trace the per-edge
     Clebsch-Gordan products as element-wise sums (:func:`.fused.unrolled_products`; default on the
-    CPU) or as the eager path's batched matmuls (default on CUDA).
+    CPU) or as the eager path's batched matmuls (default on CUDA). ``inductor_options``: passed to
+    ``torch.compile(options=...)`` (e.g. ``{"freezing": True}``; for A/B timing in
+    ``benchmarks/bench_compiled.py``).
     """
 
-    def __init__(self, model: SE3SetModel, max_graphs: int = 4, unroll_products: bool | None = None):
+    def __init__(self, model: SE3SetModel, max_graphs: int = 4, unroll_products: bool | None = None,
+                 inductor_options: dict | None = None):
         self.device = next(model.parameters()).device
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(f"compiled energy + forces is implemented for the CPU and CUDA, not {self.device}")
@@ -73,6 +76,7 @@ class CompiledEnergyForces:
         # measured on the CPU (benchmarks/bench_compiled.py); on CUDA not yet, so it keeps the
         # layout whose H100 figures are recorded
         self.unroll_products = self.device.type == "cpu" if unroll_products is None else unroll_products
+        self.inductor_options = dict(inductor_options) if inductor_options else None
         self._graphs: PerTopology[_Compiled] = PerTopology(self._compile, max_graphs, same=same_atoms)
 
     @property
@@ -107,7 +111,7 @@ class CompiledEnergyForces:
         with no_host_sync(), fx_config.patch(use_duck_shape=False):
             graph = make_fx(call, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*example)
         _check_sizes_symbolic(graph)
-        fn = torch.compile(graph, dynamic=True, fullgraph=True)
+        fn = torch.compile(graph, dynamic=True, fullgraph=True, options=self.inductor_options)
         with _threads_safe(self.device):
             fn(*example)  # compile now, not at the first step that uses it
         return _Compiled(fn)
