@@ -25,6 +25,7 @@ from se3set_ase.fragment import (
 )
 
 from se3set_ase.fragment.bonds import connectivity  # noqa: E402
+from se3set_ase.fragment.errors import distance_matrix  # noqa: E402
 from se3set_ase.fragment.pairs import PAIR_SKIN  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
@@ -929,6 +930,29 @@ def test_pair_list_keeps_a_hydrogen_on_its_nearest_partner_like_the_dense_path()
             assert _same_outcome(*results)
             if not isinstance(results[0][0], str):
                 assert dense.fragmentation(atoms).topology == pairs.fragmentation(atoms).topology
+
+
+def _three_close_hydrogens() -> Atoms:
+    """H0, H1, H2 0.78 Å apart (inside the 0.806 Å H-H bonding distance); H0 and H1 each have an
+    O 0.6 Å away, H2 only the two other H within bonding distance."""
+    h = 0.78 * np.array([[0, 0, 0], [1, 0, 0], [0.5, np.sqrt(3) / 2, 0]])
+    c = h.mean(axis=0)
+    o = [h[k] + 0.6 * (h[k] - c) / np.linalg.norm(h[k] - c) for k in (0, 1)]
+    return Atoms("HHHOO", positions=np.vstack([h, o]))
+
+
+def test_hydrogen_left_without_partner_by_the_monovalent_rule_gets_the_named_error():
+    """H0 and H1 keep their O and drop H2, so H2 has no partner left when its turn comes (this
+    raised numpy's bare 'argmin of an empty sequence'). Now H2 is unbonded and fragmentation names
+    it, on the dense path and the pair list alike."""
+    atoms = _three_close_hydrogens()
+    adj = connectivity(atoms.numbers, distance_matrix(atoms.positions))
+    assert not adj[2].any() and adj[0, 3] and adj[1, 4] and not adj[0, 1]
+    outcomes = [_outcome(path(Fragmenter(settings)), atoms.numbers, atoms.positions)
+                for settings in (MD17, MD22) for path in (_dense_path, _pair_path)]
+    assert outcomes[0][0] == "FragmentationError" and "H2 (no bonded neighbour)" in outcomes[0][1]
+    assert _same_outcome(outcomes[0], outcomes[1]) and _same_outcome(outcomes[2], outcomes[3])  # dense = pair list
+    assert outcomes[2][0] == "FragmentationError"
 
 
 def test_neighbour_pairs_are_the_dense_pairs():

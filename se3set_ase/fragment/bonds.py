@@ -90,6 +90,10 @@ def monovalent_hydrogens(adj: np.ndarray, d: np.ndarray, hydrogens: np.ndarray) 
         return adj
     for i in hydrogens[adj[hydrogens].sum(axis=1) > 1]:
         partners = np.flatnonzero(adj[i])
+        if partners.size < 2:
+            # an H before this one kept another partner and dropped this H (three H atoms within
+            # bonding distance of each other): nothing left to choose from
+            continue
         far = partners[partners != partners[np.argmin(d[i, partners])]]
         adj[i, far] = False
         adj[far, i] = False
@@ -110,6 +114,8 @@ def monovalent_hydrogen_pairs(mask: np.ndarray, i: np.ndarray, j: np.ndarray, n:
     for h in several:
         # this H's bonds now, by partner index: (a, h) with a < h come first in (i, j) order
         k = np.flatnonzero(mask & ((i == h) | (j == h)))
+        if k.size < 2:  # dropped by an earlier H, as in :func:`monovalent_hydrogens`
+            continue
         nearest = k[np.argmin(distances(k))]
         mask[k[k != nearest]] = False
     return bool(several.size)
