@@ -1,16 +1,15 @@
 #!/usr/bin/env bash
 # Everything a session lent a GPU runs, in one call, writing results under ${OUT:-gpu_out}/.
 # Usage on the device machine (repository root):  bash benchmarks/gpu_session.sh
-# The machine has torch (CUDA), e3nn, h5py, pytest but no ase/rdkit and no network: carry their
-# wheels in .whl/ and the data in .gpu/data/, made here with (both folders in .git/info/exclude):
-#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux_2_28_x86_64 -d .whl rdkit==2026.9.1 ase==3.29.0
-#   mkdir -p .gpu/data && xz -9c ../shared/data/md17/aspirin.extxyz > .gpu/data/aspirin.extxyz.xz
-#   xz -9c ../shared/data/gfn2/DHA.extxyz > .gpu/data/DHA.extxyz.xz      # for PAPER=dha
-#   head -n 89 ../shared/data/gfn2/stachyose.extxyz > .gpu/data/stachyose0.extxyz   # its first frame
-# What travels is limited to 64 MiB (tracked files + carried folders): the repository is ~30 MB, so
-# rdkit's wheel (32 MB) goes slimmed, without rdkit/Contrib and test data (25 MB; se3set_ase uses
-# neither): rewrite the zip without the members under those two folders (python's zipfile).
+# The machine has torch (CUDA), e3nn, h5py, pytest but no ase/rdkit and no network. Before the
+# first device call, here (with network):
+#   .venv/bin/python benchmarks/gpu_prepare.py [--paper dha]
+# writes .whl/site.tar.xz (RDKit and ASE for the device's Python 3.12, pruned to what se3set_ase
+# loads: 11 MiB instead of 35 MB of wheels) and .gpu/data/ (MD17 aspirin, stachyose's first frame,
+# with --paper dha the GFN2 DHA frames), lists both in .git/info/exclude and checks that everything
+# that travels fits in 64 MiB (the tracked files are ~43 MB since the models ship). Call the
+# device with carry [".whl", ".gpu"]. (Older sessions carried pip-downloaded wheels in .whl/;
+# those still install if no site.tar.xz is there.)
 # Each step has its own time limit so that a slow one cannot starve the rest. A session has 15
 # minutes of device time, a machine's start takes 1-2 of them: the default steps fit in one call
 # with timeout_s=600.
@@ -32,7 +31,10 @@
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
-if [ -d .whl ] && [ -z "${NO_WHL:-}" ]; then   # NO_WHL=1: use the installed ase/rdkit
+if [ -f .whl/site.tar.xz ] && [ -z "${NO_WHL:-}" ]; then   # made by benchmarks/gpu_prepare.py
+    python3 -c "import tarfile; tarfile.open('.whl/site.tar.xz').extractall('/tmp/site', **({'filter': 'data'} if hasattr(tarfile, 'data_filter') else {}))" \
+        && export PYTHONPATH=/tmp/site:$PWD || exit 1
+elif [ -d .whl ] && [ -z "${NO_WHL:-}" ]; then   # NO_WHL=1: use the installed ase/rdkit
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH=/tmp/site:$PWD || exit 1
 fi
