@@ -15,7 +15,8 @@ so the two wheels (RDKit 32 MB, ASE 3 MB as zips) go:
   ``rdMolDescriptors``, ``RDLogger``: every RDKit import of ``se3set_ase`` and its tests, then an
   embedding, MMFF and bond perception) does not map into the process (matched by name without
   the build hash, so a probe under this machine's Python serves the device's Python 3.12 wheel);
-- as one tar.xz of the unpacked files (xz packs shared libraries far better than a wheel's zip).
+- as one tar.xz of the unpacked files (xz packs shared libraries far better than a wheel's zip);
+  every library a kept object needs (``readelf -d``) is checked to be in it.
 
 The data: MD17 aspirin (xz) and the first stachyose frame, and with ``--paper dha`` the GFN2 DHA
 frames (xz). The script ends by adding up what will travel and fails above 64 MiB.
@@ -115,6 +116,29 @@ def pack(wheels: list[Path], loaded: set[str] | None, out: Path) -> tuple[int, i
     return kept, dropped
 
 
+def missing_libraries(archive: Path, wheels: list[Path]) -> list[str]:
+    """Shared libraries of the wheels' ``*.libs/`` folders that a kept object needs (``DT_NEEDED``,
+    read with binutils' ``readelf``) but the archive lacks; [] also when ``readelf`` is absent."""
+    import shutil
+
+    if shutil.which("readelf") is None:
+        print("readelf not found: the kept objects' libraries are not checked")
+        return []
+    bundled = set()
+    for whl in wheels:
+        with zipfile.ZipFile(whl) as z:
+            bundled |= {n.rsplit("/", 1)[-1] for n in z.namelist() if ".libs/" in n}
+    with tempfile.TemporaryDirectory() as tmp:
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+        have = {p.name for p in Path(tmp).rglob("*.so*")}
+        needed = set()
+        for so in Path(tmp).rglob("*.so*"):
+            out = subprocess.run(["readelf", "-d", str(so)], capture_output=True, text=True).stdout
+            needed |= set(re.findall(r"\(NEEDED\)\s+Shared library: \[(.+?)\]", out))
+    return sorted((needed & bundled) - have)
+
+
 def write_data(paper: str | None) -> None:
     data = ROOT / ".gpu" / "data"
     data.mkdir(parents=True, exist_ok=True)
@@ -172,6 +196,9 @@ def main() -> None:
             wheels = download([f"rdkit=={rdkit.__version__}", f"ase=={ase.__version__}"],
                               args.python_version, Path(tmp))
             kept, dropped = pack(wheels, loaded, Path(args.out))
+            missing = missing_libraries(Path(args.out), wheels)
+        if missing:
+            sys.exit(f"the pruned archive lacks libraries its objects need: {missing} (use --no-prune)")
         print(f"{args.out}: {Path(args.out).stat().st_size / 2**20:.1f} MiB ({kept} files, {dropped} dropped"
               + (f"; {len(loaded)} RDKit shared objects kept" if loaded is not None else "") + ")")
         write_data(args.paper)
