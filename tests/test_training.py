@@ -450,3 +450,24 @@ def test_evaluation_batches_cap_atoms_and_do_not_change_the_errors():
                              torch.float64)
         assert per_frame.energy[i].item() == pytest.approx(alone.energy[0].item(), rel=1e-12)
         torch.testing.assert_close(per_frame.forces[i], alone.forces[0], rtol=1e-12, atol=1e-14)
+
+
+def test_reports_without_matplotlib_write_the_csv_and_warn(tmp_path, monkeypatch):
+    """The learning-curve plot is the only use of matplotlib: where it cannot be imported the CSV
+    log is still written, the PNG is skipped with a warning naming the CSV, and nothing raises."""
+    import csv
+
+    from se3set_ase.training.loop import write_reports
+
+    history = [{"epoch": 1, "train_energy_mae_meV": 3.0, "valid_forces_mae_meV_A": 5.0},
+               {"epoch": 2, "train_energy_mae_meV": 2.0, "valid_forces_mae_meV_A": 4.0}]
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+        with pytest.warns(UserWarning, match="no learning_curve.png.*log.csv"):
+            write_reports(tmp_path, history)
+    rows = list(csv.DictReader(open(tmp_path / "log.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2"] and rows[1]["valid_forces_mae_meV_A"] == "4.0"
+    assert not (tmp_path / "learning_curve.png").exists()
+    pytest.importorskip("matplotlib")
+    write_reports(tmp_path, history)  # with matplotlib: the plot
+    assert (tmp_path / "learning_curve.png").stat().st_size > 0

@@ -22,6 +22,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -643,7 +644,9 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_reports(out: Path, history: list[dict[str, Any]]) -> None:
-    """CSV log (one row per validation) and a learning-curve PNG."""
+    """CSV log (one row per validation) and a learning-curve PNG (skipped with a warning where
+    matplotlib cannot be imported: the CSV holds the same figures, and a training run must not
+    stop for a plot)."""
     if not history:
         return
     keys = list(dict.fromkeys(k for row in history for k in row))
@@ -651,7 +654,12 @@ def write_reports(out: Path, history: list[dict[str, Any]]) -> None:
         w = csv.DictWriter(fh, fieldnames=keys)
         w.writeheader()
         w.writerows(history)
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as exc:
+        warnings.warn(f"no learning_curve.png: matplotlib cannot be imported ({exc}); "
+                      f"{out / 'log.csv'} has the same figures", stacklevel=2)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
