@@ -43,8 +43,7 @@ LIMIT = 64 * 2**20
 DROP_DIRS = ("rdkit/Contrib/", "rdkit-stubs/", "/test_data/", "/testData/", "ase/test/")
 
 PROBE = r"""
-import json, re
-import rdkit
+import json
 from rdkit import Chem, RDLogger
 from rdkit.Chem import AllChem, rdDetermineBonds, rdForceFieldHelpers, rdMolDescriptors
 mol = Chem.AddHs(Chem.MolFromSmiles("CC(=O)Oc1ccccc1C(=O)O"))
@@ -116,6 +115,12 @@ def pack(wheels: list[Path], loaded: set[str] | None, out: Path) -> tuple[int, i
     return kept, dropped
 
 
+def extract(archive: str | Path, dest: str | Path) -> None:
+    """Unpack the tar.xz ``archive`` into ``dest`` (``gpu_session.sh`` calls this on the device)."""
+    with tarfile.open(archive) as tar:
+        tar.extractall(dest, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+
+
 def missing_libraries(archive: Path, wheels: list[Path]) -> list[str]:
     """Shared libraries of the wheels' ``*.libs/`` folders that a kept object needs (``DT_NEEDED``,
     read with binutils' ``readelf``) but the archive lacks; [] also when ``readelf`` is absent."""
@@ -129,8 +134,7 @@ def missing_libraries(archive: Path, wheels: list[Path]) -> list[str]:
         with zipfile.ZipFile(whl) as z:
             bundled |= {n.rsplit("/", 1)[-1] for n in z.namelist() if ".libs/" in n}
     with tempfile.TemporaryDirectory() as tmp:
-        with tarfile.open(archive) as tar:
-            tar.extractall(tmp, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+        extract(archive, tmp)
         have = {p.name for p in Path(tmp).rglob("*.so*")}
         needed = set()
         for so in Path(tmp).rglob("*.so*"):
@@ -162,7 +166,7 @@ def travel_bytes() -> int:
     total = 0
     for name in out.decode().split("\0"):
         p = ROOT / name
-        if name and p.is_file():
+        if name and p.is_file() and not name.startswith((".whl/", ".gpu/")):  # counted below
             total += p.stat().st_size
     for folder in (".whl", ".gpu"):
         total += sum(f.stat().st_size for f in (ROOT / folder).rglob("*") if f.is_file())

@@ -32,7 +32,7 @@ set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 if [ -f .whl/site.tar.xz ] && [ -z "${NO_WHL:-}" ]; then   # made by benchmarks/gpu_prepare.py
-    python3 -c "import tarfile; tarfile.open('.whl/site.tar.xz').extractall('/tmp/site', **({'filter': 'data'} if hasattr(tarfile, 'data_filter') else {}))" \
+    python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import gpu_prepare; gpu_prepare.extract('.whl/site.tar.xz', '/tmp/site')" \
         && export PYTHONPATH=/tmp/site:$PWD || exit 1
 elif [ -d .whl ] && [ -z "${NO_WHL:-}" ]; then   # NO_WHL=1: use the installed ase/rdkit
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
