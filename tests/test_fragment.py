@@ -959,7 +959,6 @@ def test_neighbour_pairs_are_the_dense_pairs():
     """The cell list finds exactly the pairs the dense matrix has below the cut-off, with the same
     distances: a molecule, a cloud of two far-apart clusters, a cut-off beyond the molecule, and
     coordinates too large for the grid."""
-    from se3set_ase.fragment.errors import distance_matrix
     from se3set_ase.fragment.pairs import neighbour_pairs
 
     rng = np.random.default_rng(4)
