@@ -6,7 +6,8 @@ Run: ``OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_compiled.py [--preset
 Variants (``VARIANTS``): ``default`` is what ``compile=True`` does on the CPU (per-edge
 Clebsch-Gordan products unrolled into element-wise sums, :func:`se3set_ase.model.fused.unrolled_products`);
 ``v2e-only`` unrolls only the V2E products; ``matmul`` is the eager layout (batched matmuls), which
-the compiled path used before 2026-12-06. For each preset the same model (random weights as in
+the compiled path used before 2026-12-06; ``freezing``, ``serial-loops``, ``grouped`` and ``static``
+are TorchInductor options and layouts that were measured and not adopted (``benchmarks/README.md``). For each preset the same model (random weights as in
 ``bench_speed.py``, float32, frozen) is compiled once per variant, the wall time of each compile is
 printed (TorchInductor's disk cache makes a repeated compile of the same graph much faster, and
 variants share many kernels: only a first run on a fresh machine gives cold figures), and then the
@@ -30,7 +31,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_speed import make_model, molecules  # noqa: E402
 from se3set_ase.fragment import Fragmenter, FragmentSettings  # noqa: E402
-from se3set_ase.model.compiled import CompiledEnergyForces  # noqa: E402
+from se3set_ase.hypergraph import Hypergraph, no_host_sync  # noqa: E402
+from se3set_ase.model.compiled import _INDEX_FIELDS, CompiledEnergyForces, _Compiled, _threads_safe  # noqa: E402
+from se3set_ase.model.network import energy_and_forces  # noqa: E402
 from se3set_ase.model import fused  # noqa: E402
 from se3set_ase.model.fused import fused_energy_and_forces  # noqa: E402
 
@@ -39,15 +42,49 @@ def rel_force_error(f: torch.Tensor, ref: torch.Tensor) -> float:
     return float((f.double() - ref.double()).abs().max() / ref.double().abs().max())
 
 
-# name -> (unroll_products, fused.UNROLL_SHARED_PRODUCTS, TorchInductor options)
+# name -> (unroll_products, fused.UNROLL_SHARED_PRODUCTS, fused.GROUP_SHARED_PRODUCTS, TorchInductor options)
 VARIANTS = {
-    "default": (True, True, None),  # what compile=True does on the CPU: every per-edge CG product unrolled
-    "v2e-only": (True, False, None),  # only the V2E products unrolled (a smaller graph)
-    "matmul": (False, True, None),  # the eager layout, as compiled before 2026-12-06: batched matmuls
+    "default": (True, True, None, None),  # what compile=True does on the CPU: every per-edge CG product unrolled
+    "v2e-only": (True, False, None, None),  # only the V2E products unrolled (a smaller graph)
+    "matmul": (False, True, None, None),  # the eager layout, as compiled before 2026-12-06: batched matmuls
     # default layout, Inductor's freezing: the frozen weights constant-folded and, for the matrix
     # products with a constant weight, prepacked for oneDNN
-    "freezing": (True, True, {"freezing": True}),
+    "freezing": (True, True, None, {"freezing": True}),
+    # default layout, TorchInductor's loops serial (one thread, plain stores: the scatter-adds fused
+    # into them, not left to ATen), ATen's matrix products still on torch's threads
+    "serial-loops": (True, True, None, {"cpp.threads": 1}),
+    # default layout, the E2V products' Y = attr @ W^T of all paths that read one attribute block
+    # in one matmul (3 per product instead of one per path)
+    "grouped": (True, True, True, None),
+    # default layout, traced and compiled for this hypergraph's sizes (``dynamic=False``: every loop
+    # bound a constant; a new token list would need a new compile): see :class:`StaticShapes`
+    "static": (True, True, None, None),
 }
+
+
+class StaticShapes(CompiledEnergyForces):
+    """The compiled call traced with this hypergraph's sizes as constants and compiled with
+    ``dynamic=False``: what symbolic sizes cost the generated loops (A/B only; ``compile=True``
+    keeps symbolic sizes, which serve every token list of a molecule)."""
+
+    def _trace_and_compile(self, static):
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        energy_and_forces(self.model, static, training=False)  # fills the caches, as the parent
+
+        def call(pos, *indices):
+            g = Hypergraph(numbers=static.numbers, positions=pos, batch=static.batch,
+                           num_graphs=static.num_graphs, **dict(zip(_INDEX_FIELDS, indices)))
+            energy, forces, e_atom = energy_and_forces(self.model, g, training=False)
+            return energy.detach(), forces.detach(), e_atom.detach()
+
+        example = (static.positions,) + tuple(getattr(static, f) for f in _INDEX_FIELDS)
+        with no_host_sync():
+            graph = make_fx(call, tracing_mode="fake", _allow_non_fake_inputs=True)(*example)
+        fn = torch.compile(graph, dynamic=False, fullgraph=True, options=self.inductor_options)
+        with _threads_safe(self.device):
+            fn(*example)
+        return _Compiled(fn)
 
 
 def main() -> None:
@@ -77,15 +114,16 @@ def main() -> None:
 
         calls, compile_s = {"eager": lambda: fused_energy_and_forces(model, hg)}, {}
         for name in variants:
-            unroll, shared, options = VARIANTS[name]
-            fused.UNROLL_SHARED_PRODUCTS = shared
+            unroll, shared, group, options = VARIANTS[name]
+            fused.UNROLL_SHARED_PRODUCTS, fused.GROUP_SHARED_PRODUCTS = shared, group
             t0 = time.perf_counter()
-            c = CompiledEnergyForces(model, unroll_products=unroll, inductor_options=options)
+            cls = StaticShapes if name == "static" else CompiledEnergyForces
+            c = cls(model, unroll_products=unroll, inductor_options=options)
             c(hg)
             compile_s[name] = time.perf_counter() - t0
             calls[name] = lambda c=c: c(hg)
             print(f"#   {preset}: compiled ({name}) in {compile_s[name]:.0f} s", flush=True)
-        fused.UNROLL_SHARED_PRODUCTS = True
+        fused.UNROLL_SHARED_PRODUCTS, fused.GROUP_SHARED_PRODUCTS = True, None
 
         times: dict[str, list[float]] = {k: [] for k in calls}
         for fn in calls.values():

@@ -10,6 +10,9 @@ two threads, see ``se3set_ase/model/compiled.py``) and the graph's own C++ loops
 profiler books as the self time of ``Call CompiledFxGraph``. ``--kernels`` makes TorchInductor
 mark each of its loops (``cpp.enable_kernel_profile``), so they are listed one by one; that
 changes the generated code (a new compile, minutes) and slows the call a little.
+``--cprofile`` lists instead what Python sees of 10 calls (``cProfile``, by own time): the graph's
+Python wrapper (``call``: buffer allocation, tensor views, size checks, one Python call per loop
+and per ATen kernel) against the kernels it calls.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--kernels", action="store_true", help="list TorchInductor's loops one by one")
     ap.add_argument("--rows", type=int, default=30)
+    ap.add_argument("--cprofile", action="store_true", help="Python's view: the wrapper's own time vs its kernels")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.kernels:
@@ -58,6 +62,19 @@ def main() -> None:
         t0 = time.perf_counter()
         call(hg)
         times.append(time.perf_counter() - t0)
+    if args.cprofile:
+        import cProfile
+        import pstats
+
+        print(f"# median of 10 calls: {statistics.median(times) * 1e3:.1f} ms; cProfile of 10 calls "
+              "(divide the times by 10 for one call; cProfile adds ~1 us per Python-level call):")
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(10):
+            call(hg)
+        prof.disable()
+        pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(args.rows)
+        return
     print(f"# median of 10 calls: {statistics.median(times) * 1e3:.1f} ms; profile of 5 calls "
           "(divide the times by 5 for one call):")
     from torch.profiler import ProfilerActivity, profile

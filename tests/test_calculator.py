@@ -565,3 +565,24 @@ def test_restored_verlet_list_continues_a_trajectory_to_the_last_bit():
 def test_negative_skin_is_refused(model):
     with pytest.raises(ValueError, match="skin"):
         SE3SetCalculator(model, device="cpu", skin=-0.5)
+
+
+@pytest.mark.parametrize("serial_loops", [False, True])
+def test_threads_safe_holds_deterministic_accumulations_only_for_parallel_cpu_loops(serial_loops):
+    """``compiled._threads_safe``: with two torch threads the CPU graph is compiled and called with
+    deterministic algorithms on (TorchInductor then leaves its accumulations to ATen), unless its
+    loops are written for one thread (``inductor_options={"cpp.threads": 1}``: plain stores); the
+    previous setting comes back on exit, and CUDA is never touched."""
+    from se3set_ase.model.compiled import _threads_safe
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with _threads_safe(torch.device("cpu"), serial_loops):
+            inside = torch.are_deterministic_algorithms_enabled()
+        with _threads_safe(torch.device("cuda"), serial_loops):
+            on_cuda = torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.set_num_threads(before)
+    assert inside is (not serial_loops)
+    assert not on_cuda and not torch.are_deterministic_algorithms_enabled()

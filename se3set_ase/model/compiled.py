@@ -77,6 +77,8 @@ class CompiledEnergyForces:
         # layout whose H100 figures are recorded
         self.unroll_products = self.device.type == "cpu" if unroll_products is None else unroll_products
         self.inductor_options = dict(inductor_options) if inductor_options else None
+        # TorchInductor's loops written for one thread (ATen's matrix products keep torch's threads)
+        self._serial_loops = (self.inductor_options or {}).get("cpp.threads") == 1
         self._graphs: PerTopology[_Compiled] = PerTopology(self._compile, max_graphs, same=same_atoms)
 
     @property
@@ -112,7 +114,7 @@ class CompiledEnergyForces:
             graph = make_fx(call, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*example)
         _check_sizes_symbolic(graph)
         fn = torch.compile(graph, dynamic=True, fullgraph=True, options=self.inductor_options)
-        with _threads_safe(self.device):
+        with _threads_safe(self.device, self._serial_loops):
             fn(*example)  # compile now, not at the first step that uses it
         return _Compiled(fn)
 
@@ -125,18 +127,18 @@ class CompiledEnergyForces:
 
     def __call__(self, hg: Hypergraph) -> tuple[Tensor, Tensor, Tensor]:
         entry = self._graphs(hg)
-        with _threads_safe(self.device):  # a call may recompile (a size guard failing)
+        with _threads_safe(self.device, self._serial_loops):  # a call may recompile (a size guard failing)
             return entry.fn(hg.positions.to(self.device, self.model.dtype),
                             *(getattr(hg, f).to(self.device) for f in _INDEX_FIELDS))
 
 
 @contextmanager
-def _threads_safe(device: torch.device) -> Iterator[None]:
+def _threads_safe(device: torch.device, serial_loops: bool = False) -> Iterator[None]:
     """With more than one torch thread, hold ``torch.use_deterministic_algorithms(True)`` (warn
     only) so that TorchInductor leaves scatter/index-put accumulations to ATen instead of writing
     vectorised atomic adds it cannot generate; with one thread (plain stores, no atomics) nothing
     changes, nor on CUDA (Triton's atomics are fine there). The previous setting is restored on exit."""
-    if device.type != "cpu" or torch.get_num_threads() == 1:
+    if device.type != "cpu" or torch.get_num_threads() == 1 or serial_loops:
         yield
         return
     was_on = torch.are_deterministic_algorithms_enabled()
