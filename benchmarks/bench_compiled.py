@@ -6,8 +6,8 @@ Run: ``OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_compiled.py [--preset
 Variants (``VARIANTS``): ``default`` is what ``compile=True`` does on the CPU (per-edge
 Clebsch-Gordan products unrolled into element-wise sums, :func:`se3set_ase.model.fused.unrolled_products`);
 ``v2e-only`` unrolls only the V2E products; ``matmul`` is the eager layout (batched matmuls), which
-the compiled path used before 2026-12-06; ``freezing``, ``serial-loops``, ``grouped`` and ``static``
-are TorchInductor options and layouts that were measured and not adopted (``benchmarks/README.md``). For each preset the same model (random weights as in
+the compiled path used before 2026-12-06; ``freezing``, ``serial-loops``, ``grouped``, ``static``
+and ``autotune`` are TorchInductor options and layouts that were measured and not adopted (``benchmarks/README.md``). For each preset the same model (random weights as in
 ``bench_speed.py``, float32, frozen) is compiled once per variant, the wall time of each compile is
 printed (TorchInductor's disk cache makes a repeated compile of the same graph much faster, and
 variants share many kernels: only a first run on a fresh machine gives cold figures), and then the
@@ -59,6 +59,10 @@ VARIANTS = {
     # default layout, traced and compiled for this hypergraph's sizes (``dynamic=False``: every loop
     # bound a constant; a new token list would need a new compile): see :class:`StaticShapes`
     "static": (True, True, None, None),
+    # default layout, freezing + max-autotune: each matrix product with a constant weight timed as
+    # ATen's and as TorchInductor's own C++ GEMM template (prepacked weight, fused epilogue)
+    "autotune": (True, True, None, {"freezing": True, "max_autotune": True,
+                                    "max_autotune_gemm_backends": "CPP,ATEN"}),
 }
 
 
