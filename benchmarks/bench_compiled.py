@@ -31,9 +31,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_speed import make_model, molecules  # noqa: E402
 from se3set_ase.fragment import Fragmenter, FragmentSettings  # noqa: E402
-from se3set_ase.hypergraph import Hypergraph, no_host_sync  # noqa: E402
-from se3set_ase.model.compiled import _INDEX_FIELDS, CompiledEnergyForces, _Compiled, _threads_safe  # noqa: E402
-from se3set_ase.model.network import energy_and_forces  # noqa: E402
+from se3set_ase.model.compiled import CompiledEnergyForces  # noqa: E402
 from se3set_ase.model import fused  # noqa: E402
 from se3set_ase.model.fused import fused_energy_and_forces  # noqa: E402
 
@@ -71,24 +69,7 @@ class StaticShapes(CompiledEnergyForces):
     ``dynamic=False``: what symbolic sizes cost the generated loops (A/B only; ``compile=True``
     keeps symbolic sizes, which serve every token list of a molecule)."""
 
-    def _trace_and_compile(self, static):
-        from torch.fx.experimental.proxy_tensor import make_fx
-
-        energy_and_forces(self.model, static, training=False)  # fills the caches, as the parent
-
-        def call(pos, *indices):
-            g = Hypergraph(numbers=static.numbers, positions=pos, batch=static.batch,
-                           num_graphs=static.num_graphs, **dict(zip(_INDEX_FIELDS, indices)))
-            energy, forces, e_atom = energy_and_forces(self.model, g, training=False)
-            return energy.detach(), forces.detach(), e_atom.detach()
-
-        example = (static.positions,) + tuple(getattr(static, f) for f in _INDEX_FIELDS)
-        with no_host_sync():
-            graph = make_fx(call, tracing_mode="fake", _allow_non_fake_inputs=True)(*example)
-        fn = torch.compile(graph, dynamic=False, fullgraph=True, options=self.inductor_options)
-        with _threads_safe(self.device):
-            fn(*example)
-        return _Compiled(fn)
+    symbolic_sizes = False
 
 
 def main() -> None:

@@ -92,6 +92,11 @@ class CompiledEnergyForces:
         with unrolled_products(self.unroll_products):
             return self._trace_and_compile(static)
 
+    # symbolic sizes: one graph serves every token list of a molecule. A subclass may set False
+    # (sizes traced as constants, ``dynamic=False``) to time what they cost: such a graph holds only
+    # for the hypergraph it was traced with (benchmarks/bench_compiled.py, variant ``static``)
+    symbolic_sizes = True
+
     def _trace_and_compile(self, static: Hypergraph) -> _Compiled:
         import torch.fx.experimental._config as fx_config
         from torch.fx.experimental.proxy_tensor import make_fx
@@ -111,9 +116,11 @@ class CompiledEnergyForces:
         # no duck sizing: two index lists that happen to have the same length must not be
         # assumed to have it always
         with no_host_sync(), fx_config.patch(use_duck_shape=False):
-            graph = make_fx(call, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*example)
-        _check_sizes_symbolic(graph)
-        fn = torch.compile(graph, dynamic=True, fullgraph=True, options=self.inductor_options)
+            graph = make_fx(call, tracing_mode="symbolic" if self.symbolic_sizes else "fake",
+                            _allow_non_fake_inputs=True)(*example)
+        if self.symbolic_sizes:
+            _check_sizes_symbolic(graph)
+        fn = torch.compile(graph, dynamic=self.symbolic_sizes, fullgraph=True, options=self.inductor_options)
         with _threads_safe(self.device, self._serial_loops):
             fn(*example)  # compile now, not at the first step that uses it
         return _Compiled(fn)
