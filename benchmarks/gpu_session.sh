@@ -27,6 +27,10 @@
 #      model file comes back in 15 MB parts ($OUT/<name>_paper.pt.part-*; `cat` them together),
 #      with the log. A paper checkpoint (weights + EMA + Adam moments, ~100 MB) cannot come back
 #      through $OUT, so the run must end inside the call. Needs .gpu/data/DHA.extxyz for dha.
+#   7. with TRAIN_COMPILED_S=<seconds per batch size>: bench_train_compiled.py --device cuda, paper
+#      preset, DHA, batches TRAIN_BATCHES (default "8 32"): the compiled training step (fit --compile)
+#      against the eager one in the same run, samples/s, saved and peak memory (the first batch size
+#      compiles, the next ones read TorchInductor's disk cache)
 # TESTS="tests/x.py ..." picks the test files of step 1; TESTS_S=0 skips step 1, COMPILE_S=0 step 3.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
@@ -69,6 +73,12 @@ if [ -n "${PAPER:-}" ]; then
           -o "/tmp/${NAME}_paper.pt" --max-time "${PS}s" --no-progress; date +%T; } 2>&1 | tee "$OUT/fit_paper.txt" | tail -25
     split -b 15M "/tmp/${NAME}_paper.pt" "$OUT/${NAME}_paper.pt.part-"
     cp "/tmp/runs/${NAME}_paper/log.csv" "$OUT/fit_paper_log.csv" 2>/dev/null
+fi
+if [ "${TRAIN_COMPILED_S:-0}" != 0 ]; then
+    for B in ${TRAIN_BATCHES:-8 32}; do
+        timeout "$TRAIN_COMPILED_S" $PY benchmarks/bench_train_compiled.py --device cuda --preset paper --batch "$B" 2>&1 \
+            | grep -v Warning | tee -a "$OUT/bench_train_compiled_cuda.txt"
+    done
 fi
 [ -z "${FIT:-}" ] && exit 0
 FIT=(fit "$(ls "$DATA"/aspirin.extxyz* | head -1)" --preset small --train-size 800 --valid-size 50 --test-size 50 --batch-size 4

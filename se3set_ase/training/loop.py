@@ -36,6 +36,7 @@ from ..fragment import FragmentSettings
 from ..hypergraph import hypergraph_stats
 from ..model import ModelConfig, SE3SetModel, count_parameters, energy_and_forces, save_model
 from ..model.checkpoint import atomic_torch_save
+from ..model.compiled_training import CompiledTrainingForces
 from .cache import LabelledGraphs, cached_graphs, training_fragmentations
 from .metrics import evaluate, format_table, make_batch, per_sample_loss
 from .stops import pre_empted
@@ -93,6 +94,7 @@ class TrainConfig:
     max_steps: int | None = None
     progress: bool = True
     deterministic: bool = False  # deterministic kernels: bitwise-exact resume on CUDA too (slower)
+    compile: bool = False  # training steps through one compiled graph (model/compiled_training.py)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
@@ -370,7 +372,10 @@ def fit(cfg: TrainConfig, resume: bool = False, argv: list[str] | None = None,
             log.info("the model will be written to %s (the checkpoint's run named %s)",
                      cfg.output, saved.output or f"{cfg.out_dir}/model.pt")
             saved.output = cfg.output
-        for k in ("max_time", "max_steps", "progress", "save_every_steps", "save_every_minutes", "device"):
+        if cfg.compile != saved.compile:
+            log.warning("resuming with compile=%s (the checkpoint's run had compile=%s): the same training up to "
+                        "rounding, not a bit-for-bit continuation", cfg.compile, saved.compile)
+        for k in ("max_time", "max_steps", "progress", "save_every_steps", "save_every_minutes", "device", "compile"):
             setattr(saved, k, getattr(cfg, k))
         saved.deterministic = saved.deterministic or cfg.deterministic
         for k in ("data", "valid_file", "test_file", "extra_train"):
@@ -465,10 +470,15 @@ def _run(cfg: TrainConfig, ck: dict[str, Any] | None, out: Path, argv: list[str]
     state.setdefault("commands", [])
     state["commands"] = list(state["commands"]) + [" ".join(argv) if argv else "fit() from Python"]
     ddp = model
+    if cfg.compile and world > 1:
+        raise TrainingError("compile=True (--compile) trains in one process; leave it out under torchrun")
     if world > 1:
         # the last block's l > 0 value paths cannot reach the scalar energy; the fused forward
         # skips them, so those parameters get no gradient
         ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+
+    # the training step's energy + forces through one compiled graph (validation stays eager)
+    compiled = CompiledTrainingForces(model) if cfg.compile else None
 
     def save_ckpt() -> None:
         if rank != 0:
@@ -509,7 +519,7 @@ def _run(cfg: TrainConfig, ck: dict[str, Any] | None, out: Path, argv: list[str]
                     g["lr"] = lr
                 global_idx = batches[bi]
                 b = make_batch(train, global_idx[rank::world], device, dtype)
-                e, f, _ = energy_and_forces(ddp, b.graph, training=True)
+                e, f, _ = compiled(b.graph) if compiled else energy_and_forces(ddp, b.graph, training=True)
                 loss = per_sample_loss(e, f, b, cfg.energy_weight, cfg.forces_weight).sum() * world / len(global_idx)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
