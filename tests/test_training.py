@@ -16,6 +16,7 @@ from ase.io import write
 from se3set_ase.data import DataError
 from se3set_ase.fragment import Fragmenter
 from se3set_ase.model import load_model
+from se3set_ase.model.compiled_training import CompiledTrainingForces
 from se3set_ase.training import TrainConfig, TrainingError, fit
 from se3set_ase.training.loop import prepare_data
 
@@ -312,6 +313,8 @@ def test_bad_inputs(tmp_path):
     (corrupt / "last.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(TrainingError, match="truncated or corrupt"):
         fit(config(unlabelled, corrupt), resume=True)
+    with pytest.raises(TrainingError, match="memory-budget.*within \\[0, 1\\], got 1.5"):
+        fit(config(nan, tmp_path / "r5", compile=True, memory_budget=1.5))
 
 
 def test_split_block_from_the_command_line(data_file, tmp_path):
@@ -492,3 +495,26 @@ def test_compiled_fit_follows_the_eager_fit_and_resumes_exactly(data_file, tmp_p
     assert a["train_config"]["compile"] and not eager["train_config"]["compile"]
     fit(config(data_file, tmp_path / "eager", compile=True), resume=True)  # finished: no step, no compiling
     assert "not a bit-for-bit continuation" in caplog.text
+
+
+def test_memory_budget_reaches_the_compiled_step(data_file, tmp_path, monkeypatch):
+    """``fit --compile --memory-budget 0.3`` builds its compiled step with that budget (the step
+    itself is replaced by the eager network here: compiling is tested above)."""
+    import se3set_ase.training.loop as loop
+    from se3set_ase.model.network import energy_and_forces
+
+    made = []
+
+    class Recorder:
+        def __init__(self, model, memory_budget=None):
+            made.append(memory_budget)
+            self.model = model
+
+        def __call__(self, hg):
+            return energy_and_forces(self.model, hg, training=True)
+
+    monkeypatch.setattr(loop, "CompiledTrainingForces", Recorder)
+    fit(config(data_file, tmp_path / "r", compile=True, memory_budget=0.3, max_steps=1))
+    assert made == [0.3]
+    with pytest.raises(ValueError, match="memory_budget"):
+        CompiledTrainingForces(load_model(tmp_path / "r" / "model.pt")[0], memory_budget=-0.1)

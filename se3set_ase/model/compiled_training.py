@@ -107,7 +107,10 @@ class CompiledTrainingForces:
                                         allow_unused=True)
         named = [(n, p) for (n, p), g in zip(named, grads) if g is not None]
         names = [n for n, _ in named]
-        batch, num_graphs = hg.batch, hg.num_graphs
+        # the network reads neither the molecule index of the atoms nor their count (the energies
+        # are summed per molecule outside the graph): empty placeholders, so that a use would fail
+        # while tracing instead of fixing the first batch's molecules into the graph
+        batch, num_graphs = torch.empty(0, dtype=torch.long, device=self.device), 0
 
         def call(pos: Tensor, *rest: Tensor) -> tuple[Tensor, Tensor]:
             fields, params = rest[:len(_INPUT_FIELDS)], rest[len(_INPUT_FIELDS):]

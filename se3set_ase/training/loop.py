@@ -95,6 +95,7 @@ class TrainConfig:
     progress: bool = True
     deterministic: bool = False  # deterministic kernels: bitwise-exact resume on CUDA too (slower)
     compile: bool = False  # training steps through one compiled graph (model/compiled_training.py)
+    memory_budget: float | None = None  # with compile: what the compiled step keeps for its backward (0-1)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
@@ -355,6 +356,8 @@ def fit(cfg: TrainConfig, resume: bool = False, argv: list[str] | None = None,
     ``progress``, ``save_every_*``, ``device``), the data files, and ``epochs`` / ``output`` when
     named in ``given`` (the fields the user set; ``None``: take both from ``cfg``).
     """
+    if cfg.memory_budget is not None and not 0.0 <= cfg.memory_budget <= 1.0:
+        raise TrainingError(f"memory_budget (--memory-budget) must be within [0, 1], got {cfg.memory_budget}")
     out = Path(cfg.out_dir)
     ck = None
     if resume:
@@ -375,7 +378,8 @@ def fit(cfg: TrainConfig, resume: bool = False, argv: list[str] | None = None,
         if cfg.compile != saved.compile:
             log.warning("resuming with compile=%s (the checkpoint's run had compile=%s): the same training up to "
                         "rounding, not a bit-for-bit continuation", cfg.compile, saved.compile)
-        for k in ("max_time", "max_steps", "progress", "save_every_steps", "save_every_minutes", "device", "compile"):
+        for k in ("max_time", "max_steps", "progress", "save_every_steps", "save_every_minutes", "device", "compile",
+                  "memory_budget"):
             setattr(saved, k, getattr(cfg, k))
         saved.deterministic = saved.deterministic or cfg.deterministic
         for k in ("data", "valid_file", "test_file", "extra_train"):
@@ -478,7 +482,9 @@ def _run(cfg: TrainConfig, ck: dict[str, Any] | None, out: Path, argv: list[str]
         ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
 
     # the training step's energy + forces through one compiled graph (validation stays eager)
-    compiled = CompiledTrainingForces(model) if cfg.compile else None
+    if cfg.memory_budget is not None and not cfg.compile:
+        log.warning("memory_budget=%s has no effect without compile=True (--compile)", cfg.memory_budget)
+    compiled = CompiledTrainingForces(model, memory_budget=cfg.memory_budget) if cfg.compile else None
 
     def save_ckpt() -> None:
         if rank != 0:
