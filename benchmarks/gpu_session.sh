@@ -27,10 +27,11 @@
 #      model file comes back in 15 MB parts ($OUT/<name>_paper.pt.part-*; `cat` them together),
 #      with the log. A paper checkpoint (weights + EMA + Adam moments, ~100 MB) cannot come back
 #      through $OUT, so the run must end inside the call. Needs .gpu/data/DHA.extxyz for dha.
-#   7. with TRAIN_COMPILED_S=<seconds per batch size>: bench_train_compiled.py --device cuda, paper
-#      preset, DHA, batches TRAIN_BATCHES (default "8 32"): the compiled training step (fit --compile)
-#      against the eager one in the same run, samples/s, saved and peak memory (the first batch size
-#      compiles, the next ones read TorchInductor's disk cache)
+#   7. with TRAIN_COMPILED_S=<seconds per run>: bench_train_compiled.py --device cuda, paper preset,
+#      DHA, one run per BATCH[:MEMORY_BUDGET] in TRAIN_RUNS (default "8:0.3 32:0.3"): the compiled
+#      training step (fit --compile [--memory-budget]) against the eager one in the same run,
+#      samples/s, saved and peak memory (a budget compiles once, then TorchInductor's disk cache
+#      serves the other batch sizes)
 # TESTS="tests/x.py ..." picks the test files of step 1; TESTS_S=0 skips step 1, COMPILE_S=0 step 3.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
@@ -75,9 +76,10 @@ if [ -n "${PAPER:-}" ]; then
     cp "/tmp/runs/${NAME}_paper/log.csv" "$OUT/fit_paper_log.csv" 2>/dev/null
 fi
 if [ "${TRAIN_COMPILED_S:-0}" != 0 ]; then
-    for B in ${TRAIN_BATCHES:-8 32}; do
-        timeout "$TRAIN_COMPILED_S" $PY benchmarks/bench_train_compiled.py --device cuda --preset paper --batch "$B" 2>&1 \
-            | grep -v Warning | tee -a "$OUT/bench_train_compiled_cuda.txt"
+    for RUN in ${TRAIN_RUNS:-8:0.3 32:0.3}; do
+        BUDGET=(); [ "${RUN#*:}" != "$RUN" ] && BUDGET=(--memory-budget "${RUN#*:}")
+        timeout "$TRAIN_COMPILED_S" $PY benchmarks/bench_train_compiled.py --device cuda --preset paper --batch "${RUN%%:*}" \
+            "${BUDGET[@]}" 2>&1 | grep -v Warning | tee -a "$OUT/bench_train_compiled_cuda.txt"
     done
 fi
 [ -z "${FIT:-}" ] && exit 0
