@@ -34,6 +34,7 @@ which cannot reach the scalar energy) stay out of the graph's inputs, so they ke
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Callable
 
@@ -143,9 +144,8 @@ class CompiledTrainingForces:
         self.compilations += 1
 
     def _budget(self):
-        """The partitioner's activation memory budget while compiling (``memory_budget``)."""
-        import contextlib
-
+        """The partitioner's activation memory budget while compiling (``memory_budget``; also
+        around each call, in case a size guard fails and the graph is compiled again)."""
         if self.memory_budget is None:
             return contextlib.nullcontext()
         import torch._functorch.config as functorch_config
@@ -158,7 +158,7 @@ class CompiledTrainingForces:
             self._build(hg)
         if self.failed:
             return fused_energy_and_forces(self.model, hg, training=True)
-        with _threads_safe(self.device), torch.enable_grad():
+        with _threads_safe(self.device), torch.enable_grad(), self._budget():
             e_atom, forces = self._fn(hg.positions, *(getattr(hg, f) for f in _INPUT_FIELDS), *self._params)
         energy = torch.zeros(hg.num_graphs, dtype=e_atom.dtype, device=e_atom.device).index_add(0, hg.batch, e_atom)
         return energy, forces, e_atom
