@@ -353,7 +353,7 @@ def fit(cfg: TrainConfig, resume: bool = False, argv: list[str] | None = None,
 
     With ``resume`` the run continues from ``<out_dir>/last.ckpt`` under the checkpoint's config;
     ``cfg`` supplies only how long to run and how to report (``max_time``, ``max_steps``,
-    ``progress``, ``save_every_*``, ``device``), the data files, and ``epochs`` / ``output`` when
+    ``progress``, ``save_every_*``, ``device``, ``compile``, ``memory_budget``), the data files, and ``epochs`` / ``output`` when
     named in ``given`` (the fields the user set; ``None``: take both from ``cfg``).
     """
     if cfg.memory_budget is not None and not 0.0 <= cfg.memory_budget <= 1.0:
