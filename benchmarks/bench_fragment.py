@@ -1,8 +1,9 @@
 """Fragmentation cost: cold (perception + fragmentation + tensors) vs cached per MD step, with the
 dense distance matrix and with the pair list, measured in the same run.
 
-Run: ``.venv/bin/python benchmarks/bench_fragment.py [--steps 200]``. Molecules: aspirin and DHA
-(built from SMILES with RDKit, seeded) and Ac-(Ala)36-NHMe (372 atoms, ~ the size of MD22's
+Run: ``.venv/bin/python benchmarks/bench_fragment.py [--steps 200] [--molecules DHA,stachyose]``.
+Molecules: aspirin, DHA and stachyose (the issue's two, 56 and 87 atoms) (built from SMILES with RDKit,
+seeded) and Ac-(Ala)36-NHMe (372 atoms, ~ the size of MD22's
 nanotube). "dense" and "pairs" are the mean time of ``Fragmenter(...)(numbers, positions)`` per step
 of a path of the same topology (connectivity key, cross tokens, tensors), with the per-step work done
 on the dense (N, N) distance matrix and on the Verlet pair list (``Fragmenter.pair_list_min_atoms``
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import time
+import zlib
 
 import numpy as np
 import torch
@@ -38,6 +40,9 @@ from se3set_ase.fragment.pairs import PairList
 MOLECULES = {
     "aspirin": "CC(=O)Oc1ccccc1C(=O)O",
     "DHA": "CC/C=C\\C/C=C\\C/C=C\\C/C=C\\C/C=C\\C/C=C\\CCC(=O)O",
+    # the SMILES of /work/shared/data/gfn2/make_gfn2.py (MD22's stachyose, 87 atoms)
+    "stachyose": ("OC[C@H]1O[C@H](OC[C@H]2O[C@H](OC[C@H]3O[C@@H](O[C@]4(CO)O[C@H](CO)[C@@H](O)"
+                  "[C@@H]4O)[C@H](O)[C@@H](O)[C@@H]3O)[C@H](O)[C@@H](O)[C@H]2O)[C@H](O)[C@@H](O)[C@H]1O"),
     "Ac-Ala36-NHMe": "CC(=O)" + "N[C@@H](C)C(=O)" * 36 + "NC",
 }
 MODES = {"explicit": ("md17", 0.0), "implicit": ("md22", 0.0), "impl+skin1": ("md22", 1.0)}
@@ -157,15 +162,21 @@ def main():
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--cold-repeats", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of each path (alternating); the fastest is shown")
+    ap.add_argument("--molecules", default=",".join(MOLECULES), help=f"comma-separated, of {', '.join(MOLECULES)}")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    rng = np.random.default_rng(0)  # the osc paths, drawn as in the 2026-11-25 figures
-    md_rng = np.random.default_rng(1)
     rows = []
-    for name, smi in MOLECULES.items():
+    names = [m for m in args.molecules.split(",") if m]
+    unknown = sorted(set(names) - set(MOLECULES))
+    if unknown:
+        ap.error(f"unknown molecule(s) {', '.join(unknown)}; choose from {', '.join(MOLECULES)}")
+    for name in names:
+        smi = MOLECULES[name]
         mol = build_mol(smi)
         z, r = np.array([a.GetAtomicNum() for a in mol.GetAtoms()]), mol.GetConformer().GetPositions()
-        paths = {"osc": md_like_path(r, args.steps, rng), "MD500K": mmff_path(mol, args.steps, md_rng)}
+        seed = zlib.crc32(name.encode())  # each molecule its own paths, whichever --molecules run
+        paths = {"osc": md_like_path(r, args.steps, np.random.default_rng([0, seed])),
+                 "MD500K": mmff_path(mol, args.steps, np.random.default_rng([1, seed]))}
         for mode, (preset, skin) in MODES.items():
             settings = FragmentSettings.preset(preset)
             cold = []

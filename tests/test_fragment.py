@@ -974,6 +974,25 @@ def test_neighbour_pairs_are_the_dense_pairs():
     assert len(neighbour_pairs(mol[:1], 5.0)[0]) == 0
 
 
+def test_within_is_the_largest_displacement_test():
+    """``within`` (the Verlet lists' validity test) decides as max_a |r_a - ref_a| < distance does,
+    in each of its branches: one coordinate past the limit, all far inside, and the displacements
+    whose coordinates alone cannot decide (the per-atom sum needed)."""
+    from se3set_ase.fragment.pairs import within
+
+    rng = np.random.default_rng(7)
+    ref = rng.normal(size=(40, 3))
+    for scale in (0.01, 0.2, 0.28, 0.3, 0.4, 0.6):
+        for _ in range(50):
+            r = ref + rng.uniform(-scale, scale, size=ref.shape)
+            want = float(((r - ref) ** 2).sum(axis=1).max()) < 0.25
+            assert within(ref, r, 0.5) == want, scale
+    edge = ref.copy()
+    edge[3] += [0.3, 0.3, 0.3]  # |d| = 0.52 > 0.5, every coordinate < 0.5
+    assert not within(ref, edge, 0.5) and within(ref, edge, 0.53)
+    assert not within(ref, ref[:-1], 0.5)  # another molecule
+
+
 def test_default_fragmenter_takes_the_pair_list_on_a_trajectory_only(ala6):
     """A default Fragmenter uses the pair list for a 72-atom molecule while the calls follow a
     trajectory, and the dense matrix for unrelated geometries (a new list each call would cost

@@ -11,7 +11,7 @@ import torch
 
 from ..hypergraph import Hypergraph
 from .errors import distance_matrix
-from .pairs import PairList
+from .pairs import PairList, within
 
 
 def explicit_overlaps(kernel_groups, isolated, gsum: np.ndarray, c_w: float) -> list[list[int]]:
@@ -129,16 +129,15 @@ class TensorBuilder:
         that of :meth:`cross_tokens` at ``r_c`` (to rounding), while the index tensors stay the
         same over many MD steps (what a CUDA graph needs)."""
         ref = self._verlet
-        if ref is not None and ref[0] == skin:
-            moved2 = ((positions - ref[1]) ** 2).sum(axis=1).max() if len(positions) else 0.0
-            if moved2 < (0.5 * skin) ** 2:
-                return ref[2]
+        if ref is not None and ref[0] == skin and within(ref[1], positions, 0.5 * skin):
+            return ref[2]
         if d is None and self.pairs_usable(pairs, r_c + skin):
             cross = pairs.tokens_within(positions, self.owner, len(self.sizes), r_c + skin)
         else:
             if d is None:
                 d = distance_matrix(positions)
             cross = self.cross_tokens(d, r_c + skin)
+        cross.flags.writeable = False  # kept, and recognised by with_cross without a comparison
         self._verlet = (skin, positions.copy(), cross)
         return cross
 
@@ -162,7 +161,7 @@ class TensorBuilder:
         if len(cross) == 0:
             return self.static(positions, dtype)
         last = self._last
-        if last is not None and last[0].shape == cross.shape and np.array_equal(last[0], cross):
+        if last is not None and (cross is last[0] or (last[0].shape == cross.shape and np.array_equal(last[0], cross))):
             anchor, edge, switched, src, dst = last[1]
         else:
             h, i = cross[:, 0], cross[:, 1]
@@ -180,7 +179,9 @@ class TensorBuilder:
             switched = torch.from_numpy(sw)
             src = torch.from_numpy(cat([self.src, v_src]))
             dst = torch.from_numpy(cat([self.dst, v_dst]))
-            self._last = (cross.copy(), (anchor, edge, switched, src, dst))
+            # the skin list is kept as it is (never written to): the next call passes the same array
+            own = self._verlet is not None and cross is self._verlet[2]
+            self._last = (cross if own else cross.copy(), (anchor, edge, switched, src, dst))
         return Hypergraph(
             numbers=self.numbers, positions=self.positions(positions, dtype),
             token_anchor=anchor, token_edge=edge, token_switched=switched,
