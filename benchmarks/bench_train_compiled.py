@@ -9,8 +9,9 @@ jittered by 0.02 Å, so each copy has its own token list), forces with ``create_
 alternated), samples/s, the memory autograd keeps for the backward (distinct storages saved, MiB:
 on any device; on CUDA also the allocator's peak), and the compiled step's error against the eager
 one: energies, forces, and the parameter gradients (max |dg| / max |g| over parameters). Random
-weights, float32. The first compiled call traces and compiles (its time is printed; TorchInductor's
-disk cache makes a rerun faster).
+weights, float32. The eager step is timed alone first and printed at once (a compile that runs out
+of time then still leaves it); the first compiled call traces and compiles (its time is printed;
+TorchInductor's disk cache makes a rerun faster).
 """
 from __future__ import annotations
 
@@ -83,12 +84,37 @@ def main() -> None:
         loss_of(e, f).backward()
         return e.detach(), f.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
+    def step(fn):
+        opt.zero_grad(set_to_none=True)
+        e, f, _ = fn(batch)
+        loss_of(e, f).backward()
+        opt.step()
+
+    def peak_mib(fn) -> float:
+        """The CUDA allocator's peak (MiB) over one training step."""
+        torch.cuda.reset_peak_memory_stats(device)
+        step(fn)
+        sync()
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+
     print(f"# {' '.join(sys.argv)}")
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} "
           f"threads, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}; device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
     print(f"# preset {args.preset}, {args.batch} x {name} ({atoms.get_global_number_of_atoms()} atoms): "
           f"{batch.num_tokens} tokens, {batch.v2e_src.numel()} incidences in the batch; float32, random weights")
+    # the eager step first, alone: its figures come back even if the compile then runs out of time
+    step(paths["eager"])
+    alone = []
+    for _ in range(args.repeats):
+        sync()
+        t = time.perf_counter()
+        step(paths["eager"])
+        sync()
+        alone.append(time.perf_counter() - t)
+    ms_alone = statistics.median(alone) * 1e3
+    print(f"eager step before compiling: {ms_alone:.1f} ms/step, {1e3 * args.batch / ms_alone:.1f} samples/s"
+          + (f", peak {peak_mib(paths['eager']):.0f} MiB" if device.type == "cuda" else ""), flush=True)
     t0 = time.perf_counter()
     e1, f1, g1 = grads(compiled)
     sync()
@@ -98,12 +124,6 @@ def main() -> None:
     print(f"compiled vs eager: max|dE|/max|E| {float((e1 - e0).abs().max() / e0.abs().max()):.2e}, "
           f"max|dF|/max|F| {float((f1 - f0).abs().max() / f0.abs().max()):.2e}, gradients {g_err:.2e}; "
           f"parameters with a gradient: {len(g0)} eager, {len(g1)} compiled")
-
-    def step(fn):
-        opt.zero_grad(set_to_none=True)
-        e, f, _ = fn(batch)
-        loss_of(e, f).backward()
-        opt.step()
 
     times: dict[str, list[float]] = {k: [] for k in paths}
     for k, fn in paths.items():  # warm-up
@@ -120,12 +140,7 @@ def main() -> None:
     for k, fn in paths.items():
         ms[k] = statistics.median(times[k]) * 1e3
         mem = saved_mib(lambda: fn(batch))
-        peak = ""
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            step(fn)
-            sync()
-            peak = f"  {torch.cuda.max_memory_allocated(device) / 2 ** 20:8.0f}"
+        peak = f"  {peak_mib(fn):8.0f}" if device.type == "cuda" else ""
         print(f"{k:10s} {ms[k]:9.1f} {1e3 * args.batch / ms[k]:10.1f} {mem:10.1f}{peak}")
     print(f"speed-up compiled/eager: {ms['eager'] / ms['compiled']:.2f}x")
 

@@ -31,7 +31,8 @@
 #      DHA, one run per BATCH[:MEMORY_BUDGET] in TRAIN_RUNS (default "8:0.3 32:0.3"): the compiled
 #      training step (fit --compile [--memory-budget]) against the eager one in the same run,
 #      samples/s, saved and peak memory (a budget compiles once, then TorchInductor's disk cache
-#      serves the other batch sizes)
+#      serves the other batch sizes). The eager step's figures print before the compile starts, so
+#      a compile that outlasts its timeout still leaves them; TRAIN_PRESET=small for a shorter compile
 # TESTS="tests/x.py ..." picks the test files of step 1; TESTS_S=0 skips step 1, COMPILE_S=0 step 3.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
@@ -78,7 +79,7 @@ fi
 if [ "${TRAIN_COMPILED_S:-0}" != 0 ]; then
     for RUN in ${TRAIN_RUNS:-8:0.3 32:0.3}; do
         BUDGET=(); [ "${RUN#*:}" != "$RUN" ] && BUDGET=(--memory-budget "${RUN#*:}")
-        timeout "$TRAIN_COMPILED_S" $PY benchmarks/bench_train_compiled.py --device cuda --preset paper --batch "${RUN%%:*}" \
+        timeout "$TRAIN_COMPILED_S" $PY benchmarks/bench_train_compiled.py --device cuda --preset "${TRAIN_PRESET:-paper}" --batch "${RUN%%:*}" \
             "${BUDGET[@]}" 2>&1 | grep -v Warning | tee -a "$OUT/bench_train_compiled_cuda.txt"
     done
 fi
