@@ -500,6 +500,30 @@ def test_compiled_fit_follows_the_eager_fit_and_resumes_exactly(data_file, tmp_p
     assert "not a bit-for-bit continuation" in caplog.text
 
 
+def test_torchrun_compiled_fit_follows_the_single_process_fit(data_file, tmp_path):
+    """``torchrun --nproc-per-node 2 ... fit --compile``: each process trains through its compiled
+    graph and the gradients are averaged by one all-reduce per step, which gives one process's
+    eager training to rounding (float64, 16 steps). The network is the one compiled by the test
+    above, so each process finds it in TorchInductor's disk cache when the tests run in order."""
+    import json
+
+    fit(config(data_file, tmp_path / "one", model_overrides=L1_NET))
+    common = ["--preset", "tiny", "--model", json.dumps(L1_NET), "--valid-size", "8", "--batch-size", "4",
+              "--epochs", "2", "--lr", "5e-3", "--warmup-steps", "5", "--dtype", "float64", "--seed", "3",
+              "--no-progress", "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                            "-m", "se3set_ase.cli", "fit", str(data_file), "--out-dir", str(tmp_path / "two"),
+                            "--compile", *common], capture_output=True, env=env)
+    err = multi.stderr.decode()
+    assert multi.returncode == 0, err[-3000:]
+    assert "compiling the training step failed" not in err, err[-3000:]
+    one, two = (torch.load(tmp_path / x / "last.ckpt", weights_only=True) for x in ("one", "two"))
+    assert two["train_config"]["compile"] and one["state"]["step"] == two["state"]["step"] == 16
+    for k in one["model"]:
+        torch.testing.assert_close(two["model"][k], one["model"][k], rtol=1e-7, atol=1e-9, msg=k)
+
+
 def test_memory_budget_reaches_the_compiled_step(data_file, tmp_path, monkeypatch):
     """``fit --compile --memory-budget 0.3`` builds its compiled step with that budget (the step
     itself is replaced by the eager network here: compiling is tested above)."""

@@ -79,7 +79,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="run the training steps through one compiled graph (torch.compile: forward, forces "
                         "and their backward fused; compiling takes minutes once, then each step is faster "
-                        "and keeps less in memory: benchmarks/bench_train_compiled.py); one process only")
+                        "and keeps less in memory: benchmarks/bench_train_compiled.py); under torchrun each process "
+                        "compiles it")
     p.add_argument("--memory-budget", type=float, metavar="F",
                    help="with --compile: keep at most this fraction (0-1) of what the compiled step keeps "
                         "for its backward by default, recomputing the rest (0.3: 4-5x less than eager; on a CPU "

@@ -2,8 +2,9 @@
 
 - Loss per molecule: w_E ((E - E_ref)/N)^2 + w_F mean (F - F_ref)^2 (eV, eV/Å); averaged over the
   global batch. Under torchrun each rank takes every ``world``-th sample of the same global batch
-  and gradients are averaged by DistributedDataParallel, so N processes compute the very same
-  update as one process (exact up to floating-point summation order).
+  and gradients are averaged by DistributedDataParallel (with ``compile``, by one all-reduce after
+  the backward), so N processes compute the very same update as one process (exact up to
+  floating-point summation order).
 - AdamW (no weight decay on biases, norms, embeddings), linear warm-up then cosine decay to
   ``min_lr`` (per step) or reduce-on-plateau (per validation), gradient clipping, EMA of weights
   (validation, ``best`` and the final model use the EMA weights).
@@ -168,6 +169,23 @@ def _any_rank(flag: bool, world: int, device: torch.device) -> bool:
     t = torch.tensor([1 if flag else 0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def average_gradients(model: torch.nn.Module, world: int) -> None:
+    """Average the parameters' gradients over the ``world`` ranks, as DistributedDataParallel does
+    (for the compiled training step, which DDP's forward hooks cannot see): one all-reduce of all
+    gradients flattened together. Every rank has gradients for the same parameters (the same
+    network and graph); a parameter without one on every rank keeps none, as under DDP."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 def _maybe_init_distributed(device: torch.device) -> None:
@@ -474,12 +492,15 @@ def _run(cfg: TrainConfig, ck: dict[str, Any] | None, out: Path, argv: list[str]
     state.setdefault("commands", [])
     state["commands"] = list(state["commands"]) + [" ".join(argv) if argv else "fit() from Python"]
     ddp = model
-    if cfg.compile and world > 1:
-        raise TrainingError("compile=True (--compile) trains in one process; leave it out under torchrun")
-    if world > 1:
+    if world > 1 and not cfg.compile:
         # the last block's l > 0 value paths cannot reach the scalar energy; the fused forward
         # skips them, so those parameters get no gradient
         ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    elif world > 1:
+        # the compiled graph calls the network, not DDP's forward: the weights start from rank 0's
+        # (as DDP does) and average_gradients averages the gradients after each backward
+        for t in model.state_dict().values():
+            dist.broadcast(t, 0)
 
     # the training step's energy + forces through one compiled graph (validation stays eager)
     if cfg.memory_budget is not None and not cfg.compile:
@@ -529,6 +550,8 @@ def _run(cfg: TrainConfig, ck: dict[str, Any] | None, out: Path, argv: list[str]
                 loss = per_sample_loss(e, f, b, cfg.energy_weight, cfg.forces_weight).sum() * world / len(global_idx)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if compiled and world > 1:
+                    average_gradients(model, world)
                 if cfg.clip_grad:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
                 opt.step()
