@@ -7,7 +7,8 @@ Variants (``VARIANTS``): ``default`` is what ``compile=True`` does on the CPU (p
 Clebsch-Gordan products unrolled into element-wise sums, :func:`se3set_ase.model.fused.unrolled_products`);
 ``v2e-only`` unrolls only the V2E products; ``matmul`` is the eager layout (batched matmuls), which
 the compiled path used before 2026-12-06; ``freezing``, ``serial-loops``, ``grouped``, ``static``
-and ``autotune`` are TorchInductor options and layouts that were measured and not adopted (``benchmarks/README.md``). For each preset the same model (random weights as in
+and ``autotune`` are TorchInductor options and layouts that were measured and not adopted; ``memory-planning``
+and ``aggressive-fusion`` are two more TorchInductor options (``benchmarks/README.md``). For each preset the same model (random weights as in
 ``bench_speed.py``, float32, frozen) is compiled once per variant, the wall time of each compile is
 printed (TorchInductor's disk cache makes a repeated compile of the same graph much faster, and
 variants share many kernels: only a first run on a fresh machine gives cold figures), and then the
@@ -61,6 +62,12 @@ VARIANTS = {
     # ATen's and as TorchInductor's own C++ GEMM template (prepacked weight, fused epilogue)
     "autotune": (True, True, None, {"freezing": True, "max_autotune": True,
                                     "max_autotune_gemm_backends": "CPP,ATEN"}),
+    # default layout, TorchInductor's pooled memory planning: the intermediates carved out of one
+    # pool instead of one allocation each (the Python wrapper's ~1,300 allocations per call)
+    "memory-planning": (True, True, None, {"memory_planning": True}),
+    # default layout, TorchInductor's aggressive fusion: nodes fused also when they share no memory
+    # reads (fewer, larger loops)
+    "aggressive-fusion": (True, True, None, {"aggressive_fusion": True}),
 }
 
 
