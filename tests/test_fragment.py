@@ -974,6 +974,32 @@ def test_neighbour_pairs_are_the_dense_pairs():
     assert len(neighbour_pairs(mol[:1], 5.0)[0]) == 0
 
 
+def test_token_shell_orders_alike_with_and_without_the_packed_sort(ala6):
+    """The cross-token shell of a pair list, ordered by one packed int64 sort, gives the cross
+    tokens of the dense matrix; so does the stable argsort it falls back to where the packed key
+    would overflow (tens of thousands of atoms; forced here)."""
+    from se3set_ase.fragment.pairs import PairList
+
+    from se3set_ase import elements
+
+    fr = Fragmenter(MD22)
+    fr(ala6)
+    builder = fr._last[4]._builder
+    z, r0 = ala6.numbers, ala6.positions
+    rng = np.random.default_rng(5)
+    packed = PairList(r0, elements.covalent_radii(z), 5.0)
+    fallback = PairList(r0, elements.covalent_radii(z), 5.0)
+    fallback.n = 1 << 62  # the overflow test sees a huge molecule; nothing else reads n here
+    for _ in range(6):
+        r = r0 + rng.normal(scale=0.08, size=r0.shape)  # inside the list's skin
+        assert packed.valid(r)
+        want = builder.cross_tokens(distance_matrix(r), MD22.implicit_rc)
+        for pl in (packed, fallback):
+            pl.cross_tokens(r0, builder.owner, len(builder.sizes), MD22.implicit_rc)  # builds the shell next call
+            assert np.array_equal(pl.cross_tokens(r, builder.owner, len(builder.sizes), MD22.implicit_rc), want)
+    assert packed._tokens[3] is not None and fallback._tokens[3] is not None
+
+
 def test_within_is_the_largest_displacement_test():
     """``within`` (the Verlet lists' validity test) decides as max_a |r_a - ref_a| < distance does,
     in each of its branches: one coordinate past the limit, all far inside, and the displacements

@@ -230,7 +230,8 @@ class PairList:
 
     def tokens_within(self, r: np.ndarray, owner: np.ndarray, num_kernels: int, cutoff: float) -> np.ndarray:
         """The cross tokens within ``cutoff`` Å at ``r``, as :meth:`cross_tokens` gives them, all
-        listed pairs near enough computed afresh (the skin list's rebuild, once in many steps)."""
+        listed pairs near enough computed afresh (the skin list's rebuild, once in many steps), or
+        read from the list itself when ``r`` is where it was built."""
         if np.array_equal(r, self.ref):  # the step the list was built at: its distances are these
             near = np.flatnonzero(self.d < cutoff)
             i, j = self.i[near], self.j[near]
