@@ -60,6 +60,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--memory-budget", type=float, default=None,
                     help="the compiled graph's activation memory budget (0-1; default: the partitioner's own)")
+    ap.add_argument("--compile-only", action="store_true",
+                    help="compile the step (one call, its time printed) and stop: fills TorchInductor's disk cache "
+                         "for a later run (gpu_session.sh compiles this beside the calculator's graph)")
     args = ap.parse_args()
     device = torch.device(args.device)
 
@@ -103,6 +106,12 @@ def main() -> None:
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
     print(f"# preset {args.preset}, {args.batch} x {name} ({atoms.get_global_number_of_atoms()} atoms): "
           f"{batch.num_tokens} tokens, {batch.v2e_src.numel()} incidences in the batch; float32, random weights")
+    if args.compile_only:
+        t0 = time.perf_counter()
+        grads(compiled)
+        sync()
+        print(f"compiled step (trace + compile): {time.perf_counter() - t0:.1f} s; failed: {compiled.failed}", flush=True)
+        return
     # the eager step first, alone: its figures come back even if the compile then runs out of time
     step(paths["eager"])
     alone = []
