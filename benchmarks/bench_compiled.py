@@ -7,8 +7,8 @@ Variants (``VARIANTS``): ``default`` is what ``compile=True`` does on the CPU (p
 Clebsch-Gordan products unrolled into element-wise sums, :func:`se3set_ase.model.fused.unrolled_products`);
 ``v2e-only`` unrolls only the V2E products; ``matmul`` is the eager layout (batched matmuls), which
 the compiled path used before 2026-12-06; ``freezing``, ``serial-loops``, ``grouped``, ``static``
-and ``autotune`` are TorchInductor options and layouts that were measured and not adopted; ``memory-planning``
-and ``aggressive-fusion`` are two more TorchInductor options (``benchmarks/README.md``). For each preset the same model (random weights as in
+and ``autotune`` are TorchInductor options and layouts that were measured and not adopted; ``memory-planning``,
+``aggressive-fusion``, ``chunk64`` and ``dynamic-threads`` are more TorchInductor options (``benchmarks/README.md``). For each preset the same model (random weights as in
 ``bench_speed.py``, float32, frozen) is compiled once per variant, the wall time of each compile is
 printed (TorchInductor's disk cache makes a repeated compile of the same graph much faster, and
 variants share many kernels: only a first run on a fresh machine gives cold figures), and then the
@@ -69,6 +69,11 @@ VARIANTS = {
     # default layout, TorchInductor's aggressive fusion: nodes fused also when they share no memory
     # reads (fewer, larger loops)
     "aggressive-fusion": (True, True, None, {"aggressive_fusion": True}),
+    # default layout, TorchInductor's loops parallel from 64 elements per thread (default 512): the
+    # many loops over ~1,000 incidences or ~300 tokens split over both cores
+    "chunk64": (True, True, None, {"cpp.min_chunk_size": 64}),
+    # default layout, the number of threads of each parallel loop chosen at run time from its size
+    "dynamic-threads": (True, True, None, {"cpp.dynamic_threads": True}),
 }
 
 
