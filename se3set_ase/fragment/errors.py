@@ -46,11 +46,8 @@ def as_arrays(numbers, positions) -> tuple[np.ndarray, np.ndarray]:
             f"positions must have shape (N, 3) = ({z.shape[0]}, 3) for {z.shape[0]} atoms, "
             f"got {r.shape}"
         )
-    if np.isfinite(r).all():  # one flat pass (the per-atom reduction below is 5x slower)
-        return z, r
-    bad = ~np.isfinite(r).all(axis=1)
-    if bad.any():
-        idx = np.nonzero(bad)[0]
+    if not np.isfinite(r).all():  # one flat pass; the per-atom one (5x slower) only to name the atoms
+        idx = np.nonzero(~np.isfinite(r).all(axis=1))[0]
         names = ", ".join(f"{elements.symbol(z[i])}{i}" for i in idx[:10])
         more = f" and {len(idx) - 10} more" if len(idx) > 10 else ""
         raise StructureError(f"positions contain NaN or inf values (atoms {names}{more})")

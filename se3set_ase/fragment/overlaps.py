@@ -137,7 +137,7 @@ class TensorBuilder:
             if d is None:
                 d = distance_matrix(positions)
             cross = self.cross_tokens(d, r_c + skin)
-        cross.flags.writeable = False  # kept, and recognised by with_cross without a comparison
+        cross.flags.writeable = False  # with_cross keeps this array itself (no copy): nothing may change it
         self._verlet = (skin, positions.copy(), cross)
         return cross
 
