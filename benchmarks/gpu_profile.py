@@ -16,6 +16,12 @@ warm     only compiles what ``compile`` times (its compile time is printed), fil
          disk cache: ``gpu_session.sh`` runs it beside the training step's compile, so that one
          call of a few minutes compiles both and the timed sections then find them in the cache.
 
+``--layouts`` (``warm`` and ``compile``): how the compiled graph writes the per-edge
+Clebsch-Gordan products: ``default`` (CompiledEnergyForces' choice for the device: batched
+matmuls on CUDA), ``matmul`` or ``unrolled`` (element-wise sums that the compiler fuses, the CPU's
+default: no batched-matmul kernels, fewer launches; measured on the CPU, 1.06x there), e.g.
+``--layouts matmul,unrolled`` times both in one run.
+
 Weights are random (speed does not depend on training); the zero-initialised output layer is
 randomised so that forces are not trivially zero. Times are medians of repeated calls.
 """
@@ -75,10 +81,16 @@ def main() -> None:
     ap.add_argument("--sections", default="profile,tf32,train,compile")
     ap.add_argument("--presets", default="paper,small")
     ap.add_argument("--batches", default="8,32,128")
+    ap.add_argument("--layouts", default="default",
+                    help="compiled graph's CG products: default, matmul, unrolled (comma-separated)")
     args = ap.parse_args()
     device = torch.device(args.device)
     sections = args.sections.split(",")
     cuda = device.type == "cuda"
+    unroll_of = {"default": None, "matmul": False, "unrolled": True}
+    layouts = args.layouts.split(",")
+    if any(lay not in unroll_of for lay in layouts):
+        ap.error(f"--layouts: each of {sorted(unroll_of)}, got {args.layouts!r}")
     name = torch.cuda.get_device_name(device) if cuda else "CPU"
     print(f"# device: {name}; torch {torch.__version__}; float32", flush=True)
     dha = next(a for n, a, _ in molecules() if n == "DHA")
@@ -93,10 +105,11 @@ def main() -> None:
         print(f"\n## {preset} preset, DHA ({len(dha)} atoms, {hg.num_tokens} tokens, {hg.v2e_src.shape[0]} incidences)",
               flush=True)
         if "warm" in sections:
-            t0 = time.perf_counter()
-            CompiledEnergyForces(model)(hg)
-            sync(device)
-            print(f"warm: compiled in {time.perf_counter() - t0:.0f} s", flush=True)
+            for lay in layouts:
+                t0 = time.perf_counter()
+                CompiledEnergyForces(model, unroll_products=unroll_of[lay])(hg)
+                sync(device)
+                print(f"warm ({lay} layout): compiled in {time.perf_counter() - t0:.0f} s", flush=True)
         if "profile" in sections:
             t = timeit(lambda: fused_energy_and_forces(model, hg), device, 10)
             print(f"fused eager: {t:.2f} ms per call", flush=True)
@@ -118,25 +131,25 @@ def main() -> None:
             finally:
                 torch.backends.cuda.matmul.allow_tf32 = False
                 torch.backends.cudnn.allow_tf32 = False
-        if "compile" in sections:
+        for lay in (layouts if "compile" in sections else []):
             t0 = time.perf_counter()
             try:
-                comp = CompiledEnergyForces(model)
+                comp = CompiledEnergyForces(model, unroll_products=unroll_of[lay])
                 _, f_c, _ = comp(hg)
             except Exception as exc:  # noqa: BLE001  (reported)
-                print(f"compile failed: {type(exc).__name__}: {str(exc)[:400]}", flush=True)
+                print(f"{lay} layout: compile failed: {type(exc).__name__}: {str(exc)[:400]}", flush=True)
             else:
-                print(f"compiled: compiling took {time.perf_counter() - t0:.0f} s, max|dF|/max|F| vs fused {rel(f_c, f_ref):.1e}",
+                print(f"compiled ({lay} layout): compiling took {time.perf_counter() - t0:.0f} s, max|dF|/max|F| vs fused {rel(f_c, f_ref):.1e}",
                       flush=True)
                 t = timeit(lambda: comp(hg), device, 10)
-                print(f"compiled, eager launch: {t:.2f} ms per call", flush=True)
+                print(f"compiled ({lay}), eager launch: {t:.2f} ms per call", flush=True)
                 if cuda:  # the calculator's compile=True on CUDA: the compiled graph, replayed
                     try:
                         graphed = GraphedEnergyForces(model, compiled=comp)
                         _, f_g, _ = graphed(fr(dha))
-                        print(f"compiled + CUDA graph: max|dF|/max|F| vs fused {rel(f_g, f_ref):.1e}", flush=True)
+                        print(f"compiled ({lay}) + CUDA graph: max|dF|/max|F| vs fused {rel(f_g, f_ref):.1e}", flush=True)
                         t = timeit(lambda: graphed(fr(dha)), device, 30)
-                        print(f"compiled + CUDA graph replay (calculator path): {t:.2f} ms per call", flush=True)
+                        print(f"compiled ({lay}) + CUDA graph replay (calculator path): {t:.2f} ms per call", flush=True)
                         kernel_table(lambda: graphed(fr(dha)), device)
                     except Exception as exc:  # noqa: BLE001
                         print(f"CUDA graph of the compiled graph failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)

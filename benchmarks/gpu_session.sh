@@ -41,6 +41,10 @@
 #      TRAIN_COMPILED_S=120 TRAIN_RUNS="8:0.3" bash benchmarks/gpu_session.sh; on this project's
 #      CPUs the paper preset's training graph compiles in 23-29 min, its inference graph in ~4 min on
 #      the H100's host: the first GPU run says whether 330 s is enough)
+#   with COMPILE_LAYOUTS=matmul,unrolled (steps 3 and WARM_S): the compiled graph with its per-edge
+#      Clebsch-Gordan products as batched matmuls (CUDA's default) and unrolled into element-wise sums
+#      (the CPU's default: 356 fewer batched-matmul kernels per paper-preset DHA call, 1015 -> 659 GEMMs),
+#      each timed; WARM_S compiles them in parallel processes. Default: "default" (the device's own)
 # TESTS="tests/x.py ..." picks the test files of step 1; TESTS_S=0 skips step 1, COMPILE_S=0 step 3.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
@@ -53,6 +57,7 @@ elif [ -d .whl ] && [ -z "${NO_WHL:-}" ]; then   # NO_WHL=1: use the installed a
         && export PYTHONPATH=/tmp/site:$PWD || exit 1
 fi
 PY=${PY:-python3}
+COMPILE_LAYOUTS=${COMPILE_LAYOUTS:-default}
 export PYTHONUNBUFFERED=1
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 $PY -m se3set_ase.cli info > "$OUT/info.txt" 2>&1
@@ -65,8 +70,12 @@ fi   # bench_speed.py reads stachyose from the shared data path
 if [ "${WARM_S:-0}" != 0 ]; then
     FIRST=${TRAIN_RUNS:-8:0.3}; FIRST=${FIRST%% *}
     WB=(); [ "${FIRST#*:}" != "$FIRST" ] && WB=(--memory-budget "${FIRST#*:}")
-    [ "${COMPILE_S:-200}" != 0 ] && timeout "$WARM_S" $PY benchmarks/gpu_profile.py --sections warm \
-        --presets "${COMPILE_PRESETS:-small}" > "$OUT/warm_calculator.txt" 2>&1 &
+    if [ "${COMPILE_S:-200}" != 0 ]; then   # one process per layout, all at once
+        for LAY in ${COMPILE_LAYOUTS//,/ }; do
+            timeout "$WARM_S" $PY benchmarks/gpu_profile.py --sections warm --presets "${COMPILE_PRESETS:-small}" \
+                --layouts "$LAY" > "$OUT/warm_calculator_$LAY.txt" 2>&1 &
+        done
+    fi
     [ "${TRAIN_COMPILED_S:-0}" != 0 ] && timeout "$WARM_S" $PY benchmarks/bench_train_compiled.py --device cuda \
         --preset "${TRAIN_PRESET:-paper}" --batch "${FIRST%%:*}" "${WB[@]}" --compile-only > "$OUT/warm_training.txt" 2>&1 &
     wait
@@ -74,8 +83,8 @@ if [ "${WARM_S:-0}" != 0 ]; then
 fi
 [ -n "${PROFILE:-}" ] && timeout 100 $PY benchmarks/gpu_profile.py --sections profile,tf32,train --batches 8,32 2>&1 \
     | grep -v USDT | tee "$OUT/gpu_profile.txt"
-[ "${COMPILE_S:-200}" != 0 ] && timeout "${COMPILE_S:-200}" $PY benchmarks/gpu_profile.py --sections compile --presets "${COMPILE_PRESETS:-small}" 2>&1 | grep -v USDT \
-    | tee "$OUT/gpu_compile.txt"
+[ "${COMPILE_S:-200}" != 0 ] && timeout "${COMPILE_S:-200}" $PY benchmarks/gpu_profile.py --sections compile --presets "${COMPILE_PRESETS:-small}" \
+    --layouts "$COMPILE_LAYOUTS" 2>&1 | grep -v USDT | tee "$OUT/gpu_compile.txt"
 [ -n "${BENCH:-}" ] && timeout 190 $PY benchmarks/bench_speed.py --device cuda 2>&1 | tee "$OUT/bench_speed_cuda.txt"
 export SE3SET_CACHE_DIR=/tmp/h5cache
 DATA=${DATA:-.gpu/data}
