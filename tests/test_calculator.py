@@ -523,7 +523,11 @@ def test_restored_verlet_list_continues_a_trajectory_to_the_last_bit():
 
     model = randomised(preset="md22")
     a = ase.io.read(Path(__file__).parent / "data" / "dha.xyz")
-    rng = np.random.default_rng(2)
+    # Whether two token counts round differently depends on the geometry and on how the network
+    # groups its sums: since the radial MLPs were merged, most seeds (0-11 bar 7 and 9 with one
+    # thread, bar 4 and 9 with two) give the same bits either way. Seed 9 gives a pair that does
+    # not, with one thread or two, so the left-alone control below tells the restore from luck.
+    rng = np.random.default_rng(9)
     p0 = a.positions.copy()
     b = a.copy()
     b.rotate(20, "z", center="COM")  # outer atoms move > skin/2: the list is rebuilt
