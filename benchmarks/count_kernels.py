@@ -12,6 +12,12 @@ fewer launches there. It also adds up the floating-point work of the matrix prod
 multiply-add), which bounds the call's time on a CPU, where the call is bound by arithmetic:
 ``--gemm-threads N`` times one large float32 mm on N threads and prints the time those products
 need at that rate at best. Random weights (the counts do not depend on them), float32.
+
+``--compiled`` counts instead the operations of the graph that ``compile=True`` compiles
+(:func:`se3set_ase.model.compiled.trace_energy_and_forces`), in both layouts of its per-edge
+Clebsch-Gordan products (batched matmuls, CUDA's default; unrolled into element-wise sums, the
+CPU's): the compiler fuses the element-wise operations, so what stays one kernel each are the
+matrix products (and, on a CPU with two threads, the scatter-adds).
 """
 from __future__ import annotations
 
@@ -100,6 +106,25 @@ class _Count(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def count_compiled(model, hg, preset: str, molecule: str) -> None:
+    """Operations of the traced energy + forces graph, per CG layout: all, matrix products, scatters."""
+    from se3set_ase.model.compiled import trace_energy_and_forces
+    from se3set_ase.model.fused import unrolled_products
+
+    print(f"# {preset} preset, {molecule}: {hg.num_atoms} atoms, {hg.num_tokens} tokens, "
+          f"{hg.v2e_src.shape[0]} v2e edges; the graph compile=True traces")
+    for label, unroll in (("batched-matmul CG products (CUDA's default)", False),
+                          ("unrolled CG products (the CPU's default)", True)):
+        with unrolled_products(unroll):
+            graph = trace_energy_and_forces(model, hg)
+        ops = Counter(str(n.target).split(".")[1] for n in graph.graph.nodes
+                      if n.op == "call_function" and str(n.target).startswith("aten."))
+        gemms = {k: v for k, v in ops.items() if k in ("mm", "addmm", "bmm", "baddbmm")}
+        scatters = sum(v for k, v in ops.items() if k.startswith(("index_put", "scatter", "index_add")))
+        print(f"{label}: {sum(ops.values())} ATen operations, {sum(gemms.values())} matrix products "
+              f"({', '.join(f'{v} {k}' for k, v in sorted(gemms.items()))}), {scatters} scatter-adds")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="small")
@@ -112,6 +137,8 @@ def main() -> None:
     ap.add_argument("--cpu-layout", action="store_true",
                     help="count the CPU's choices of se3set_ase.model.fused (default: the GPU's, e.g. "
                          "GROUP_SHARED_PRODUCTS, since the counts stand for kernel launches)")
+    ap.add_argument("--compiled", action="store_true",
+                    help="count the traced graph of compile=True per CG layout instead (no compile)")
     args = ap.parse_args()
     import ase.io
 
@@ -125,6 +152,9 @@ def main() -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     hg = Fragmenter(model.config.fragment)(atoms).to("cpu", torch.float32)
+    if args.compiled:
+        count_compiled(model, hg, args.preset, Path(args.molecule).name)
+        return
     energy_and_forces(model, hg)  # warm the caches (CG tensors, layouts) first, as every later call finds them
     mode = _Count()
     with mode:

@@ -43,7 +43,7 @@
 #      the H100's host: the first GPU run says whether 330 s is enough)
 #   with COMPILE_LAYOUTS=matmul,unrolled (steps 3 and WARM_S): the compiled graph with its per-edge
 #      Clebsch-Gordan products as batched matmuls (CUDA's default) and unrolled into element-wise sums
-#      (the CPU's default: 356 fewer batched-matmul kernels per paper-preset DHA call, 1015 -> 659 GEMMs),
+#      (the CPU's default: 356 fewer batched-matmul kernels per paper-preset DHA call, 991 -> 635 GEMMs),
 #      each timed; WARM_S compiles them in parallel processes. Default: "default" (the device's own)
 # TESTS="tests/x.py ..." picks the test files of step 1; TESTS_S=0 skips step 1, COMPILE_S=0 step 3.
 set -uo pipefail

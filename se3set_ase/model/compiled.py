@@ -98,28 +98,8 @@ class CompiledEnergyForces:
     symbolic_sizes = True
 
     def _trace_and_compile(self, static: Hypergraph) -> _Compiled:
-        import torch.fx.experimental._config as fx_config
-        from torch.fx.experimental.proxy_tensor import make_fx
-
-        # one eager call first: it checks the elements and fills the model's caches (Clebsch-Gordan
-        # tensors and their non-zero entries, scaled frozen weights), none of which may happen
-        # while tracing
-        energy_and_forces(self.model, static, training=False)
-
-        def call(pos: Tensor, *indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-            g = Hypergraph(numbers=static.numbers, positions=pos, batch=static.batch,
-                           num_graphs=static.num_graphs, **dict(zip(_INDEX_FIELDS, indices)))
-            energy, forces, e_atom = energy_and_forces(self.model, g, training=False)
-            return energy.detach(), forces.detach(), e_atom.detach()
-
+        graph = trace_energy_and_forces(self.model, static, self.symbolic_sizes)
         example = (static.positions,) + tuple(getattr(static, f) for f in _INDEX_FIELDS)
-        # no duck sizing: two index lists that happen to have the same length must not be
-        # assumed to have it always
-        with no_host_sync(), fx_config.patch(use_duck_shape=False):
-            graph = make_fx(call, tracing_mode="symbolic" if self.symbolic_sizes else "fake",
-                            _allow_non_fake_inputs=True)(*example)
-        if self.symbolic_sizes:
-            _check_sizes_symbolic(graph)
         fn = torch.compile(graph, dynamic=self.symbolic_sizes, fullgraph=True, options=self.inductor_options)
         with _threads_safe(self.device, self._serial_loops):
             fn(*example)  # compile now, not at the first step that uses it
@@ -137,6 +117,38 @@ class CompiledEnergyForces:
         with _threads_safe(self.device, self._serial_loops):  # a call may recompile (a size guard failing)
             return entry.fn(hg.positions.to(self.device, self.model.dtype),
                             *(getattr(hg, f).to(self.device) for f in _INDEX_FIELDS))
+
+
+def trace_energy_and_forces(model: SE3SetModel, static: Hypergraph, symbolic_sizes: bool = True) -> torch.fx.GraphModule:
+    """The ATen graph of ``energy_and_forces(model, g, training=False)`` for hypergraphs ``g`` of
+    ``static``'s atoms: inputs ``(positions (N, 3), *indices)`` (the index fields in
+    ``_INDEX_FIELDS`` order, their lengths symbols if ``symbolic_sizes``), outputs energies (G,),
+    forces (N, 3), per-atom energies (N,). What :class:`CompiledEnergyForces` compiles; traced
+    within the caller's :func:`.fused.unrolled_products` setting. ``static`` on the model's device,
+    in its dtype."""
+    import torch.fx.experimental._config as fx_config
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    # one eager call first: it checks the elements and fills the model's caches (Clebsch-Gordan
+    # tensors and their non-zero entries, scaled frozen weights), none of which may happen
+    # while tracing
+    energy_and_forces(model, static, training=False)
+
+    def call(pos: Tensor, *indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        g = Hypergraph(numbers=static.numbers, positions=pos, batch=static.batch,
+                       num_graphs=static.num_graphs, **dict(zip(_INDEX_FIELDS, indices)))
+        energy, forces, e_atom = energy_and_forces(model, g, training=False)
+        return energy.detach(), forces.detach(), e_atom.detach()
+
+    example = (static.positions,) + tuple(getattr(static, f) for f in _INDEX_FIELDS)
+    # no duck sizing: two index lists that happen to have the same length must not be
+    # assumed to have it always
+    with no_host_sync(), fx_config.patch(use_duck_shape=False):
+        graph = make_fx(call, tracing_mode="symbolic" if symbolic_sizes else "fake",
+                        _allow_non_fake_inputs=True)(*example)
+    if symbolic_sizes:
+        _check_sizes_symbolic(graph)
+    return graph
 
 
 @contextmanager
