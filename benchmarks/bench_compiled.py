@@ -4,11 +4,15 @@ Run: ``OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_compiled.py [--preset
 [--molecule DHA] [--threads 2] [--calls 20] [--variants default,matmul]``
 
 Variants (``VARIANTS``): ``default`` is what ``compile=True`` does on the CPU (per-edge
-Clebsch-Gordan products unrolled into element-wise sums, :func:`se3set_ase.model.fused.unrolled_products`);
-``v2e-only`` unrolls only the V2E products; ``matmul`` is the eager layout (batched matmuls), which
-the compiled path used before 2026-12-06; ``freezing``, ``serial-loops``, ``grouped``, ``static``
-and ``autotune`` are TorchInductor options and layouts that were measured and not adopted; ``memory-planning``,
-``aggressive-fusion``, ``chunk64`` and ``dynamic-threads`` are more TorchInductor options (``benchmarks/README.md``). For each preset the same model (random weights as in
+Clebsch-Gordan products unrolled into element-wise sums, :func:`se3set_ase.model.fused.unrolled_products`;
+the graph's wrapper generated as C++, ``compiled.CPU_INDUCTOR_OPTIONS``); ``python-wrapper`` is the
+default with that wrapper in Python, as before 2026-12-07; ``v2e-only`` unrolls only the V2E
+products; ``matmul`` is the eager layout (batched matmuls), which the compiled path used before
+2026-12-06; ``freezing``, ``serial-loops``, ``grouped``, ``static``, ``autotune``,
+``memory-planning``, ``aggressive-fusion``, ``chunk64`` and ``dynamic-threads`` are TorchInductor
+options and layouts that were measured and not adopted (``benchmarks/README.md``; measured against
+the Python-wrapper default of their day, their options now apply over the C++ wrapper). For each
+preset the same model (random weights as in
 ``bench_speed.py``, float32, frozen) is compiled once per variant, the wall time of each compile is
 printed (TorchInductor's disk cache makes a repeated compile of the same graph much faster, and
 variants share many kernels: only a first run on a fresh machine gives cold figures), and then the
@@ -74,6 +78,11 @@ VARIANTS = {
     "chunk64": (True, True, None, {"cpp.min_chunk_size": 64}),
     # default layout, the number of threads of each parallel loop chosen at run time from its size
     "dynamic-threads": (True, True, None, {"cpp.dynamic_threads": True}),
+    # default layout, the graph's wrapper (buffer allocation, views, one call per loop and per ATen
+    # kernel) in Python, as compile=True had it before 2026-12-07 (the default now generates it as
+    # C++, compiled at -O1 apart from the loops: compiled.CPU_INDUCTOR_OPTIONS). Every other
+    # variant's options are applied over that default.
+    "python-wrapper": (True, True, None, {"cpp_wrapper": False, "cpp_wrapper_build_separate": False}),
 }
 
 

@@ -47,6 +47,15 @@ class _Compiled:
     fn: Callable[..., tuple[Tensor, Tensor, Tensor]]  # positions (N, 3), *indices -> energy, forces, e_atom
 
 
+# TorchInductor's options for a CPU graph. The wrapper that allocates the buffers and calls the
+# ~800 loops and ~700 ATen kernels of a paper-preset call, in C++ rather than Python: 15 ms less per
+# DHA call (178.4 -> 163.1 and 166.2 -> 154.9 ms, two runs; 306.6 -> 270.2 ms on one thread), the
+# same cold compile (651 vs 646 s) when that C++ is built apart from the loops at -O1 (one -O3
+# translation unit of both did not finish in 40 min): ``benchmarks/bench_compiled.py``, variant
+# ``python-wrapper``, and benchmarks/README.md. CUDA graphs are replayed from a CUDA graph, where
+# the wrapper costs nothing, so CUDA keeps TorchInductor's defaults.
+CPU_INDUCTOR_OPTIONS = {"cpp_wrapper": True, "cpp_wrapper_build_separate": True}
+
 # the hypergraph fields that are inputs of the compiled graph (their lengths are symbols)
 _INDEX_FIELDS = ("token_anchor", "token_edge", "token_switched", "v2e_src", "v2e_dst")
 
@@ -61,8 +70,9 @@ class CompiledEnergyForces:
     ``compilations`` counts the graphs compiled so far. ``unroll_products``: trace the per-edge
     Clebsch-Gordan products as element-wise sums (:func:`.fused.unrolled_products`; default on the
     CPU) or as the eager path's batched matmuls (default on CUDA). ``inductor_options``: passed to
-    ``torch.compile(options=...)`` (e.g. ``{"freezing": True}``; for A/B timing in
-    ``benchmarks/bench_compiled.py``).
+    ``torch.compile(options=...)`` over the device's defaults (:data:`CPU_INDUCTOR_OPTIONS` on the
+    CPU, none on CUDA), e.g. ``{"freezing": True}`` or ``{"cpp_wrapper": False}``; for A/B timing in
+    ``benchmarks/bench_compiled.py``.
     """
 
     def __init__(self, model: SE3SetModel, max_graphs: int = 4, unroll_products: bool | None = None,
@@ -76,7 +86,8 @@ class CompiledEnergyForces:
         # measured on the CPU (benchmarks/bench_compiled.py); on CUDA not yet, so it keeps the
         # layout whose H100 figures are recorded
         self.unroll_products = self.device.type == "cpu" if unroll_products is None else unroll_products
-        self.inductor_options = dict(inductor_options) if inductor_options else None
+        defaults = CPU_INDUCTOR_OPTIONS if self.device.type == "cpu" else {}
+        self.inductor_options = {**defaults, **(inductor_options or {})} or None
         # TorchInductor's loops written for one thread (ATen's matrix products keep torch's threads)
         self._serial_loops = (self.inductor_options or {}).get("cpp.threads") == 1
         self._graphs: PerTopology[_Compiled] = PerTopology(self._compile, max_graphs, same=same_atoms)
