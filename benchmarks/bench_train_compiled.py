@@ -16,6 +16,7 @@ TorchInductor's disk cache makes a rerun faster).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -60,6 +61,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--memory-budget", type=float, default=None,
                     help="the compiled graph's activation memory budget (0-1; default: the partitioner's own)")
+    ap.add_argument("--inductor-options", default=None,
+                    help='TorchInductor options for the compiled step, JSON (e.g. \'{"cpp_wrapper": true, '
+                         '"cpp_wrapper_build_separate": true}\'); default: the training graph\'s own')
     ap.add_argument("--compile-only", action="store_true",
                     help="compile the step (one call, its time printed) and stop: fills TorchInductor's disk cache "
                          "for a later run (gpu_session.sh compiles this beside the calculator's graph)")
@@ -71,7 +75,8 @@ def main() -> None:
     batch = collate(jittered_graphs(Fragmenter(FragmentSettings.preset(frag)), atoms, n=args.batch)).to(device, torch.float32)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-9)  # a step that barely moves the weights
     f_ref = torch.zeros_like(batch.positions)
-    compiled = CompiledTrainingForces(model, memory_budget=args.memory_budget)
+    options = json.loads(args.inductor_options) if args.inductor_options else None
+    compiled = CompiledTrainingForces(model, memory_budget=args.memory_budget, inductor_options=options)
     paths = {"eager": lambda hg: fused_energy_and_forces(model, hg, training=True), "compiled": compiled}
 
     def loss_of(e, f):
