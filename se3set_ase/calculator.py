@@ -51,8 +51,8 @@ class SE3SetCalculator(Calculator):
         faster for molecules of up to a few hundred atoms, where launching kernels sets the time.
     compile: trace energy + forces once per molecule (the token lists are inputs of symbolic
         size, so neither the Verlet list nor a re-fragmentation needs a new graph) and compile them
-        with TorchInductor (:mod:`se3set_ase.model.compiled`); default False. On the CPU about
-        twice as fast per call; on CUDA the compiled graph is what the CUDA graph replays (fewer,
+        with TorchInductor (:mod:`se3set_ase.model.compiled`); default False. On the CPU 2.4-4.6x
+        as fast per float32 call (paper and small presets, DHA, two cores; float64 gains less); on CUDA the compiled graph is what the CUDA graph replays (fewer,
         fused kernels: small preset, DHA, on an H100: 4.7 ms per call against 8.2). Same numbers to rounding,
         but the first compile takes minutes (well under one when TorchInductor's disk cache has
         it): for MD or optimisation of one molecule.

@@ -24,7 +24,8 @@ calling with ``torch.use_deterministic_algorithms(True)`` set makes it call ATen
 those accumulations instead (:func:`_threads_safe`), and the rest is compiled as before. The
 per-edge Clebsch-Gordan products are traced as element-wise sums that Inductor fuses
 (:func:`.fused.unrolled_products`); ``benchmarks/bench_compiled.py`` times that against the eager
-layout's batched matmuls.
+layout's batched matmuls. On the CPU the code that calls the loops and kernels is generated as C++
+too (:data:`CPU_INDUCTOR_OPTIONS`), not as Python.
 """
 from __future__ import annotations
 
