@@ -52,8 +52,9 @@ class SE3SetCalculator(Calculator):
     compile: trace energy + forces once per molecule (the token lists are inputs of symbolic
         size, so neither the Verlet list nor a re-fragmentation needs a new graph) and compile them
         with TorchInductor (:mod:`se3set_ase.model.compiled`); default False. On the CPU 2.4-4.6x
-        as fast per float32 call (paper and small presets, DHA, two cores; float64 gains less); on CUDA the compiled graph is what the CUDA graph replays (fewer,
-        fused kernels: small preset, DHA, on an H100: 4.7 ms per call against 8.2). Same numbers to rounding,
+        as fast per float32 call (paper and small presets, DHA, two cores; float64 gains less); on
+        CUDA the compiled graph is what the CUDA graph replays (fewer, fused kernels: small preset,
+        DHA, on an H100: 4.7 ms per call against 8.2). Same numbers to rounding,
         but the first compile takes minutes (well under one when TorchInductor's disk cache has
         it): for MD or optimisation of one molecule.
     skin: Verlet skin (Å) of the implicit cross tokens (``Fragmenter``): the token list, hence the

@@ -53,12 +53,17 @@ class _Compiled:
 # DHA call (178.4 -> 163.1 and 166.2 -> 154.9 ms, two runs; 306.6 -> 270.2 ms on one thread), the
 # same cold compile (651 vs 646 s) when that C++ is built apart from the loops at -O1 (one -O3
 # translation unit of both did not finish in 40 min): ``benchmarks/bench_compiled.py``, variant
-# ``python-wrapper``, and benchmarks/README.md. CUDA graphs are replayed from a CUDA graph, where
-# the wrapper costs nothing, so CUDA keeps TorchInductor's defaults.
+# ``python-wrapper``, and benchmarks/README.md. On CUDA the calculator replays the compiled graph
+# from a CUDA graph, where the wrapper costs nothing, so CUDA keeps TorchInductor's defaults.
 CPU_INDUCTOR_OPTIONS = {"cpp_wrapper": True, "cpp_wrapper_build_separate": True}
 
 # the hypergraph fields that are inputs of the compiled graph (their lengths are symbols)
 _INDEX_FIELDS = ("token_anchor", "token_edge", "token_switched", "v2e_src", "v2e_dst")
+
+
+def _inputs(hg: Hypergraph) -> tuple[Tensor, ...]:
+    """The compiled graph's inputs taken from ``hg`` as they are: ``(positions, *indices)``."""
+    return (hg.positions,) + tuple(getattr(hg, f) for f in _INDEX_FIELDS)
 
 
 class CompiledEnergyForces:
@@ -111,7 +116,7 @@ class CompiledEnergyForces:
 
     def _trace_and_compile(self, static: Hypergraph) -> _Compiled:
         graph = trace_energy_and_forces(self.model, static, self.symbolic_sizes)
-        example = (static.positions,) + tuple(getattr(static, f) for f in _INDEX_FIELDS)
+        example = _inputs(static)
         fn = torch.compile(graph, dynamic=self.symbolic_sizes, fullgraph=True, options=self.inductor_options)
         with _threads_safe(self.device, self._serial_loops):
             fn(*example)  # compile now, not at the first step that uses it
@@ -122,7 +127,7 @@ class CompiledEnergyForces:
         ``(positions, *indices)`` taken from ``hg`` as they are (no copies: ``hg`` must be on
         the model's device, in its dtype). For a CUDA-graph capture (:mod:`.graphed`)."""
         entry = self._graphs(hg)
-        return entry.fn, (hg.positions,) + tuple(getattr(hg, f) for f in _INDEX_FIELDS)
+        return entry.fn, _inputs(hg)
 
     def __call__(self, hg: Hypergraph) -> tuple[Tensor, Tensor, Tensor]:
         entry = self._graphs(hg)
@@ -152,7 +157,7 @@ def trace_energy_and_forces(model: SE3SetModel, static: Hypergraph, symbolic_siz
         energy, forces, e_atom = energy_and_forces(model, g, training=False)
         return energy.detach(), forces.detach(), e_atom.detach()
 
-    example = (static.positions,) + tuple(getattr(static, f) for f in _INDEX_FIELDS)
+    example = _inputs(static)
     # no duck sizing: two index lists that happen to have the same length must not be
     # assumed to have it always
     with no_host_sync(), fx_config.patch(use_duck_shape=False):
