@@ -8,7 +8,9 @@ Clebsch-Gordan products unrolled into element-wise sums, :func:`se3set_ase.model
 the graph's wrapper generated as C++, ``compiled.CPU_INDUCTOR_OPTIONS``); ``python-wrapper`` is the
 default with that wrapper in Python, as before 2026-12-07; ``v2e-only`` unrolls only the V2E
 products; ``matmul`` is the eager layout (batched matmuls), which the compiled path used before
-2026-12-06; ``freezing``, ``serial-loops``, ``grouped``, ``static``, ``autotune``,
+2026-12-06; ``scatter`` is the default with the gathers' backward and the sums along the index
+lists as scatter-adds (ATen's ``index_put``), as before the inverse tables of
+:mod:`se3set_ase.model.segments` (2026-12-07); ``freezing``, ``serial-loops``, ``grouped``, ``static``, ``autotune``,
 ``memory-planning``, ``aggressive-fusion``, ``chunk64`` and ``dynamic-threads`` are TorchInductor
 options and layouts that were measured and not adopted (``benchmarks/README.md``; measured against
 the Python-wrapper default of their day, their options now apply over the C++ wrapper). For each
@@ -84,7 +86,13 @@ VARIANTS = {
     # C++, compiled at -O1 apart from the loops: compiled.CPU_INDUCTOR_OPTIONS). Every other
     # variant's options are applied over that default.
     "python-wrapper": (True, True, None, {"cpp_wrapper": False, "cpp_wrapper_build_separate": False}),
+    # default layout, the gathers' backward and the sums over incidences and tokens as scatter-adds
+    # (ATen's index_put with two threads), as compile=True had them before the inverse tables of
+    # se3set_ase.model.segments (``CompiledEnergyForces(segment_tables=False)``)
+    "scatter": (True, True, None, None),
 }
+# the variants compiled without inverse tables
+SCATTER_VARIANTS = {"scatter"}
 
 
 class StaticShapes(CompiledEnergyForces):
@@ -126,7 +134,8 @@ def main() -> None:
             fused.UNROLL_SHARED_PRODUCTS, fused.GROUP_SHARED_PRODUCTS = shared, group
             t0 = time.perf_counter()
             cls = StaticShapes if name == "static" else CompiledEnergyForces
-            c = cls(model, unroll_products=unroll, inductor_options=options)
+            c = cls(model, unroll_products=unroll, inductor_options=options,
+                    segment_tables=name not in SCATTER_VARIANTS)
             c(hg)
             compile_s[name] = time.perf_counter() - t0
             calls[name] = lambda c=c: c(hg)

@@ -16,8 +16,9 @@ need at that rate at best. Random weights (the counts do not depend on them), fl
 ``--compiled`` counts instead the operations of the graph that ``compile=True`` compiles
 (:func:`se3set_ase.model.compiled.trace_energy_and_forces`), in both layouts of its per-edge
 Clebsch-Gordan products (batched matmuls, CUDA's default; unrolled into element-wise sums, the
-CPU's): the compiler fuses the element-wise operations, so what stays one kernel each are the
-matrix products (and, on a CPU with two threads, the scatter-adds).
+CPU's), the unrolled one also with the CPU's inverse tables (:mod:`se3set_ase.model.segments`: no
+scatter-add of features): the compiler fuses the element-wise operations, so what stays one kernel
+each are the matrix products (and, on a CPU with two threads, the scatter-adds).
 """
 from __future__ import annotations
 
@@ -108,15 +109,16 @@ class _Count(TorchDispatchMode):
 
 def count_compiled(model, hg, preset: str, molecule: str) -> None:
     """Operations of the traced energy + forces graph, per CG layout: all, matrix products, scatters."""
-    from se3set_ase.model.compiled import trace_energy_and_forces
+    from se3set_ase.model.compiled import table_widths, trace_energy_and_forces
     from se3set_ase.model.fused import unrolled_products
 
     print(f"# {preset} preset, {molecule}: {hg.num_atoms} atoms, {hg.num_tokens} tokens, "
           f"{hg.v2e_src.shape[0]} v2e edges; the graph compile=True traces")
-    for label, unroll in (("batched-matmul CG products (CUDA's default)", False),
-                          ("unrolled CG products (the CPU's default)", True)):
+    for label, unroll, tables in (("batched-matmul CG products, scatter-adds (CUDA's default)", False, False),
+                                  ("unrolled CG products, scatter-adds", True, False),
+                                  ("unrolled CG products, inverse tables (the CPU's default)", True, True)):
         with unrolled_products(unroll):
-            graph = trace_energy_and_forces(model, hg)
+            graph = trace_energy_and_forces(model, hg, widths=table_widths(hg) if tables else None)
         ops = Counter(str(n.target).split(".")[1] for n in graph.graph.nodes
                       if n.op == "call_function" and str(n.target).startswith("aten."))
         gemms = {k: v for k, v in ops.items() if k in ("mm", "addmm", "bmm", "baddbmm")}

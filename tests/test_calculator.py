@@ -604,3 +604,29 @@ def test_compiled_cpu_graph_takes_the_cpp_wrapper_unless_the_caller_says_otherwi
     assert CompiledEnergyForces(frozen, inductor_options={"cpp_wrapper": False}).inductor_options["cpp_wrapper"] is False
     serial = CompiledEnergyForces(frozen, inductor_options={"cpp.threads": 1})
     assert serial.inductor_options == {**CPU_INDUCTOR_OPTIONS, "cpp.threads": 1} and serial._serial_loops
+
+
+def test_compiled_cpu_graph_takes_inverse_tables_and_recompiles_when_a_segment_outgrows_them():
+    """On the CPU the compiled graph gathers and sums along the index lists through inverse tables
+    (no scatter-add; ``se3set_ase.model.segments``) whose widths are fixed when it is compiled. A
+    token list with a longer segment than those widths allow gets a new graph with wider tables,
+    never a truncated sum; a narrower one then fits the wider tables. Energies and forces are the
+    eager network's to rounding throughout."""
+    from se3set_ase.hypergraph import from_tokens
+    from se3set_ase.model.compiled import CompiledEnergyForces, table_widths
+
+    frozen = randomised(num_blocks=1).requires_grad_(False)
+    eth = molecule("CH3CH2OH")
+    narrow = from_tokens(eth.numbers, eth.positions, [[0, 1, 2], [2, 3, 4]])
+    wide = from_tokens(eth.numbers, eth.positions, [list(range(9))])  # 8 incidences per atom and token
+    assert all(table_widths(narrow)[f] < w for f, w in {"v2e_src": 8, "v2e_dst": 8}.items())
+    assert CompiledEnergyForces(frozen).segment_tables
+    assert not CompiledEnergyForces(frozen, segment_tables=False).segment_tables
+    call = CompiledEnergyForces(frozen)
+    for hg, compilations in [(narrow, 1), (wide, 2), (narrow, 2)]:
+        energy, forces, _ = call(hg)
+        e_ref, f_ref, _ = energy_and_forces(frozen, hg)
+        assert call.compilations == compilations
+        assert torch.abs(f_ref).max() > 1e-2
+        torch.testing.assert_close(forces, f_ref, rtol=0, atol=1e-9 * float(torch.abs(f_ref).max()))
+        torch.testing.assert_close(energy, e_ref, rtol=1e-9, atol=0)

@@ -26,6 +26,16 @@ per-edge Clebsch-Gordan products are traced as element-wise sums that Inductor f
 (:func:`.fused.unrolled_products`); ``benchmarks/bench_compiled.py`` times that against the eager
 layout's batched matmuls. On the CPU the code that calls the loops and kernels is generated as C++
 too (:data:`CPU_INDUCTOR_OPTIONS`), not as Python.
+
+On the CPU the gathers and sums of features along ``v2e_dst``, ``v2e_src`` and ``token_anchor``
+go through inverse tables (:mod:`.segments`), so the forces' backward holds gathers only and the
+scatter-adds left to ATen are a few small ones (the attention's maxima, the switched tokens'
+weights). The tables are graph inputs beside the indices, made for each token list (and kept
+while the fragmenter hands out the same index tensors); their widths are fixed when the graph is
+compiled, with room for the segments to grow (:func:`table_widths`), and a token list with a
+longer segment gets a new graph. Paper preset, DHA, two threads, same runs: 181.0 vs 191.6 and
+165.8 vs 177.9 ms per call with and without tables, for a cold compile 40 % longer (862 vs 616 s;
+``bench_compiled.py``, variant ``scatter``).
 """
 from __future__ import annotations
 
@@ -36,16 +46,18 @@ from typing import Callable, Iterator
 import torch
 
 from ..hypergraph import Hypergraph, no_host_sync
-from .fused import unrolled_products
+from .fused import inverse_tables, unrolled_products
 from .network import SE3SetModel, energy_and_forces
 from .per_topology import PerTopology, same_atoms
+from .segments import inverse_table, max_segment
 
 Tensor = torch.Tensor
 
 
 @dataclass
 class _Compiled:
-    fn: Callable[..., tuple[Tensor, Tensor, Tensor]]  # positions (N, 3), *indices -> energy, forces, e_atom
+    fn: Callable[..., tuple[Tensor, Tensor, Tensor]]  # positions (N, 3), *indices, *tables -> energy, forces, e_atom
+    widths: dict[str, int]  # the inverse tables' widths per index field (_TABLE_FIELDS); empty: no tables
 
 
 # TorchInductor's options for a CPU graph. The wrapper that allocates the buffers and calls the
@@ -61,9 +73,36 @@ CPU_INDUCTOR_OPTIONS = {"cpp_wrapper": True, "cpp_wrapper_build_separate": True}
 _INDEX_FIELDS = ("token_anchor", "token_edge", "token_switched", "v2e_src", "v2e_dst")
 
 
-def _inputs(hg: Hypergraph) -> tuple[Tensor, ...]:
-    """The compiled graph's inputs taken from ``hg`` as they are: ``(positions, *indices)``."""
-    return (hg.positions,) + tuple(getattr(hg, f) for f in _INDEX_FIELDS)
+# the index fields whose gathers and sums go through inverse tables (:mod:`.segments`), with the
+# number of segments of each
+_TABLE_FIELDS = {"v2e_dst": "num_tokens", "v2e_src": "num_atoms", "token_anchor": "num_atoms"}
+
+
+def table_widths(hg: Hypergraph) -> dict[str, int]:
+    """The inverse tables' widths for a graph compiled with ``hg``: each field's largest segment
+    plus room for the segments to grow (more cross tokens) before a recompile is needed."""
+    out = {}
+    for field, size in _TABLE_FIELDS.items():
+        m = max_segment(getattr(hg, field), getattr(hg, size))
+        out[field] = m + max(2, m // 4)
+    return out
+
+
+def make_tables(hg: Hypergraph, widths: dict[str, int]) -> tuple[Tensor, ...] | None:
+    """The inverse tables of ``hg``'s index fields at ``widths`` (:func:`.segments.inverse_table`),
+    in ``_TABLE_FIELDS`` order; None if a segment outgrew its width."""
+    out = []
+    for field, width in widths.items():
+        index, size = getattr(hg, field), getattr(hg, _TABLE_FIELDS[field])
+        if max_segment(index, size) > width:
+            return None
+        out.append(inverse_table(index, size, width))
+    return tuple(out)
+
+
+def _inputs(hg: Hypergraph, tables: tuple[Tensor, ...] = ()) -> tuple[Tensor, ...]:
+    """The compiled graph's inputs taken from ``hg`` as they are: ``(positions, *indices, *tables)``."""
+    return (hg.positions,) + tuple(getattr(hg, f) for f in _INDEX_FIELDS) + tuple(tables)
 
 
 class CompiledEnergyForces:
@@ -82,7 +121,7 @@ class CompiledEnergyForces:
     """
 
     def __init__(self, model: SE3SetModel, max_graphs: int = 4, unroll_products: bool | None = None,
-                 inductor_options: dict | None = None):
+                 inductor_options: dict | None = None, segment_tables: bool | None = None):
         self.device = next(model.parameters()).device
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(f"compiled energy + forces is implemented for the CPU and CUDA, not {self.device}")
@@ -92,6 +131,10 @@ class CompiledEnergyForces:
         # measured on the CPU (benchmarks/bench_compiled.py); on CUDA not yet, so it keeps the
         # layout whose H100 figures are recorded
         self.unroll_products = self.device.type == "cpu" if unroll_products is None else unroll_products
+        # gathers and segment sums through inverse tables, no scatter-add (see .segments): measured
+        # on the CPU; on CUDA the tables would be rebuilt outside a captured CUDA graph, not done
+        self.segment_tables = self.device.type == "cpu" if segment_tables is None else segment_tables
+        self._tables_for: tuple[tuple[Tensor, ...], dict[str, int], tuple[Tensor, ...]] | None = None
         defaults = CPU_INDUCTOR_OPTIONS if self.device.type == "cpu" else {}
         self.inductor_options = {**defaults, **(inductor_options or {})} or None
         # TorchInductor's loops written for one thread (ATen's matrix products keep torch's threads)
@@ -115,34 +158,59 @@ class CompiledEnergyForces:
     symbolic_sizes = True
 
     def _trace_and_compile(self, static: Hypergraph) -> _Compiled:
-        graph = trace_energy_and_forces(self.model, static, self.symbolic_sizes)
-        example = _inputs(static)
+        widths = table_widths(static) if self.segment_tables else {}
+        graph = trace_energy_and_forces(self.model, static, self.symbolic_sizes, widths)
+        example = _inputs(static, make_tables(static, widths))
         fn = torch.compile(graph, dynamic=self.symbolic_sizes, fullgraph=True, options=self.inductor_options)
         with _threads_safe(self.device, self._serial_loops):
             fn(*example)  # compile now, not at the first step that uses it
-        return _Compiled(fn)
+        return _Compiled(fn, widths)
+
+    def _entry_and_tables(self, hg: Hypergraph) -> tuple[_Compiled, tuple[Tensor, ...]]:
+        """The compiled graph for ``hg`` (``hg`` on the model's device) and ``hg``'s inverse tables
+        at its widths. The tables of the last index tensors are kept (MD: the same tensors step
+        after step); a segment grown past its table's width compiles a new graph, with wider
+        tables."""
+        entry = self._graphs(hg)
+        if not entry.widths:
+            return entry, ()
+        indices = tuple(getattr(hg, f) for f in _TABLE_FIELDS)
+        hit = self._tables_for
+        if hit is not None and hit[1] is entry.widths and all(a is b for a, b in zip(hit[0], indices)):
+            return entry, hit[2]
+        tables = make_tables(hg, entry.widths)
+        if tables is None:
+            self._graphs.discard(hg)
+            entry = self._graphs(hg)
+            tables = make_tables(hg, entry.widths)
+        self._tables_for = (indices, entry.widths, tables)
+        return entry, tables
 
     def graph_inputs(self, hg: Hypergraph) -> tuple[Callable[..., tuple[Tensor, Tensor, Tensor]], tuple[Tensor, ...]]:
         """The compiled function for ``hg``'s molecule (compiled now if not yet) and its inputs
-        ``(positions, *indices)`` taken from ``hg`` as they are (no copies: ``hg`` must be on
-        the model's device, in its dtype). For a CUDA-graph capture (:mod:`.graphed`)."""
-        entry = self._graphs(hg)
-        return entry.fn, _inputs(hg)
+        ``(positions, *indices, *tables)`` taken from ``hg`` as they are (no copies: ``hg`` must
+        be on the model's device, in its dtype). For a CUDA-graph capture (:mod:`.graphed`)."""
+        entry, tables = self._entry_and_tables(hg)
+        return entry.fn, _inputs(hg, tables)
 
     def __call__(self, hg: Hypergraph) -> tuple[Tensor, Tensor, Tensor]:
-        entry = self._graphs(hg)
+        hg = hg.to(self.device, self.model.dtype)
+        entry, tables = self._entry_and_tables(hg)
         with _threads_safe(self.device, self._serial_loops):  # a call may recompile (a size guard failing)
-            return entry.fn(hg.positions.to(self.device, self.model.dtype),
-                            *(getattr(hg, f).to(self.device) for f in _INDEX_FIELDS))
+            return entry.fn(*_inputs(hg, tables))
 
 
-def trace_energy_and_forces(model: SE3SetModel, static: Hypergraph, symbolic_sizes: bool = True) -> torch.fx.GraphModule:
+def trace_energy_and_forces(model: SE3SetModel, static: Hypergraph, symbolic_sizes: bool = True,
+                            widths: dict[str, int] | None = None) -> torch.fx.GraphModule:
     """The ATen graph of ``energy_and_forces(model, g, training=False)`` for hypergraphs ``g`` of
-    ``static``'s atoms: inputs ``(positions (N, 3), *indices)`` (the index fields in
-    ``_INDEX_FIELDS`` order, their lengths symbols if ``symbolic_sizes``), outputs energies (G,),
-    forces (N, 3), per-atom energies (N,). What :class:`CompiledEnergyForces` compiles; traced
-    within the caller's :func:`.fused.unrolled_products` setting. ``static`` on the model's device,
-    in its dtype."""
+    ``static``'s atoms: inputs ``(positions (N, 3), *indices, *tables)`` (the index fields in
+    ``_INDEX_FIELDS`` order, their lengths symbols if ``symbolic_sizes``; then, for each field in
+    ``widths``, its inverse table of that width, :func:`make_tables`), outputs energies (G,),
+    forces (N, 3), per-atom energies (N,). With tables the network's gathers and segment sums along
+    those fields are gathers only (:func:`.fused.inverse_tables`); the graph then holds for tables
+    of exactly these widths. What :class:`CompiledEnergyForces` compiles; traced within the
+    caller's :func:`.fused.unrolled_products` setting. ``static`` on the model's device, in its
+    dtype."""
     import torch.fx.experimental._config as fx_config
     from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -151,13 +219,17 @@ def trace_energy_and_forces(model: SE3SetModel, static: Hypergraph, symbolic_siz
     # while tracing
     energy_and_forces(model, static, training=False)
 
-    def call(pos: Tensor, *indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    widths = widths or {}
+
+    def call(pos: Tensor, *inputs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        indices, tables = inputs[:len(_INDEX_FIELDS)], inputs[len(_INDEX_FIELDS):]
         g = Hypergraph(numbers=static.numbers, positions=pos, batch=static.batch,
                        num_graphs=static.num_graphs, **dict(zip(_INDEX_FIELDS, indices)))
-        energy, forces, e_atom = energy_and_forces(model, g, training=False)
+        with inverse_tables(dict(zip(widths, tables))):
+            energy, forces, e_atom = energy_and_forces(model, g, training=False)
         return energy.detach(), forces.detach(), e_atom.detach()
 
-    example = _inputs(static)
+    example = _inputs(static, make_tables(static, widths) if widths else ())
     # no duck sizing: two index lists that happen to have the same length must not be
     # assumed to have it always
     with no_host_sync(), fx_config.patch(use_duck_shape=False):
@@ -165,7 +237,38 @@ def trace_energy_and_forces(model: SE3SetModel, static: Hypergraph, symbolic_siz
                         _allow_non_fake_inputs=True)(*example)
     if symbolic_sizes:
         _check_sizes_symbolic(graph)
+        _numels_as_sizes(graph)
     return graph
+
+
+def _numels_as_sizes(graph: torch.fx.GraphModule) -> None:
+    """Rewrite the traced graph's ``aten.sym_numel`` nodes, which ``torch.compile`` cannot trace
+    when the element count turned out constant (an inverse table's rows = the atoms, once the
+    tracer equated them): a constant count becomes the number, a 1-D tensor's count its
+    ``sym_size``."""
+    changed = False
+    for node in list(graph.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.aten.sym_numel.default:
+            continue
+        val = node.meta.get("val")
+        if isinstance(val, torch.SymInt):
+            expr = val.node.shape_env.replace(val.node.expr)
+            val = int(expr) if expr.is_number else val
+        if isinstance(val, int):
+            node.replace_all_uses_with(val)
+        else:
+            (x,) = node.args
+            if x.meta["val"].dim() != 1:
+                continue
+            with graph.graph.inserting_before(node):
+                size = graph.graph.call_function(torch.ops.aten.sym_size.int, (x, 0))
+            size.meta["val"] = node.meta["val"]
+            node.replace_all_uses_with(size)
+        graph.graph.erase_node(node)
+        changed = True
+    if changed:
+        graph.graph.lint()
+        graph.recompile()
 
 
 @contextmanager

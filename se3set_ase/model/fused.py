@@ -33,7 +33,9 @@ How the pieces map onto the plain modules:
 
 - For the compiled path (:mod:`.compiled`) the per-edge CG contractions are traced as element-wise
   sums over the CG tensor's non-zero entries (:func:`unrolled_products`), which TorchInductor
-  fuses into its loops, instead of batched matmuls (``benchmarks/bench_compiled.py``).
+  fuses into its loops, instead of batched matmuls (``benchmarks/bench_compiled.py``); and on the
+  CPU the gathers and sums along the index lists go through inverse tables
+  (:func:`inverse_tables`, :mod:`.segments`), gathers in both directions instead of scatter-adds.
 
 Everything is batched over atoms/tokens/edges; Python loops run over the handful of l-paths.
 Tested against the plain forward in ``tests/test_fused.py`` (float64 to 1e-10, float32 to 1e-5,
@@ -51,8 +53,9 @@ import torch.nn.functional as F
 from e3nn import o3
 
 from ..hypergraph import Hypergraph, has_switched_tokens, token_weights
-from .attention import HyperAttention, segment_softmax
+from .attention import HyperAttention
 from .layers import EquivariantLayerNorm, GatedFFN, IrrepsLinear
+from .segments import Segments
 
 Tensor = torch.Tensor
 Feat = list  # list[Tensor | None], one (B, 2l+1, mul) tensor per block of an Irreps
@@ -72,6 +75,11 @@ GROUP_SHARED_PRODUCTS: bool | None = None
 # inside it; the numbers are the same to rounding.
 _UNROLL = contextvars.ContextVar("se3set_unroll_products", default=False)
 
+# Inverse tables of the hypergraph's index lists (:func:`.segments.inverse_table`), by field name
+# (``v2e_dst``, ``v2e_src``, ``token_anchor``), within :func:`inverse_tables`: the gathers and
+# segment sums along a list with a table are written as gathers only (:class:`.segments.Segments`).
+_TABLES = contextvars.ContextVar("se3set_inverse_tables", default=None)
+
 
 @contextmanager
 def unrolled_products(on: bool = True) -> Iterator[None]:
@@ -82,6 +90,19 @@ def unrolled_products(on: bool = True) -> Iterator[None]:
         yield
     finally:
         _UNROLL.reset(token)
+
+
+@contextmanager
+def inverse_tables(tables: dict[str, Tensor]) -> Iterator[None]:
+    """Within the block the fused network gathers and sums along each index list named in
+    ``tables`` (field name -> :func:`.segments.inverse_table` of ``hg.<field>``) through that
+    table, without scatter-adds (:mod:`.segments`); the caller makes the tables for the
+    hypergraph it passes."""
+    token = _TABLES.set(dict(tables))
+    try:
+        yield
+    finally:
+        _TABLES.reset(token)
 
 
 # Within unrolled_products(): the E2V products (shared weights, attribute = token features) are
@@ -623,15 +644,26 @@ def _radial_hiddens(ctx: _Ctx, mlps: Sequence, basis: Tensor) -> list[Tensor]:
 
 
 # ------------------------------------------------------------------ attention
-def _attention(ctx: _Ctx, att: HyperAttention, x_dst: Feat, x_src: Feat | None, src: Tensor | None,
-               dst: Tensor, attr: Feat, hidden: Tensor | None, edge_weight: Tensor | None,
+def _segment_softmax(logits: Tensor, dst: Segments, weight: Tensor | None) -> Tensor:
+    """:func:`.attention.segment_softmax` of ``logits`` (E, H) over the segments of ``dst``, its
+    sums and gathers through ``dst`` (the maxima, outside the derivative, as there)."""
+    idx = dst.index.unsqueeze(1).expand(-1, logits.shape[1])
+    top = torch.full((dst.size, logits.shape[1]), -torch.inf, dtype=logits.dtype, device=logits.device)
+    top = top.scatter_reduce(0, idx, logits.detach(), reduce="amax", include_self=True)
+    e = torch.exp(logits - top.index_select(0, dst.index))
+    if weight is not None:
+        e = e * weight.unsqueeze(1)
+    return e / dst.gather(dst.sum(e))
+
+
+def _attention(ctx: _Ctx, att: HyperAttention, x_dst: Feat, x_src: Feat | None, src: Segments | None,
+               dst: Segments, attr: Feat, hidden: Tensor | None, edge_weight: Tensor | None,
                sh_mode: bool) -> Feat:
-    """``att`` applied; ``hidden`` (E, radial hidden): its radial MLP's hidden layer (V2E, from
-    :func:`_radial_hiddens`), None for E2V."""
-    num_dst = x_dst[0].shape[0]
-    msg = [t.index_select(0, dst) for t in _linear(ctx, att.lin_dst, x_dst)]
+    """``att`` applied along edges ``src`` -> ``dst`` (their index lists); ``hidden`` (E, radial
+    hidden): its radial MLP's hidden layer (V2E, from :func:`_radial_hiddens`), None for E2V."""
+    msg = [dst.gather(t) for t in _linear(ctx, att.lin_dst, x_dst)]
     if att.lin_src is not None:
-        msg = [m + t.index_select(0, src) for m, t in zip(msg, _linear(ctx, att.lin_src, x_src))]
+        msg = [m + src.gather(t) for m, t in zip(msg, _linear(ctx, att.lin_src, x_src))]
 
     # first tensor product
     if sh_mode:
@@ -653,7 +685,7 @@ def _attention(ctx: _Ctx, att: HyperAttention, x_dst: Feat, x_src: Feat | None, 
     a, g = _lead_and_gate(ctx, lav, m, att.gate, att.n_alpha, att.n_alpha)
     a = att.act_alpha(a.squeeze(1)).view(-1, att.num_heads, att.alpha_dot.shape[1])
     logits = (a * att.alpha_dot).sum(-1)
-    alpha = segment_softmax(logits, dst, num_dst, edge_weight)  # (E, H)
+    alpha = _segment_softmax(logits, dst, edge_weight)  # (E, H)
 
     # second tensor product (shared weights) + lin_value2
     if sh_mode:
@@ -672,7 +704,7 @@ def _attention(ctx: _Ctx, att: HyperAttention, x_dst: Feat, x_src: Feat | None, 
     for x in v:
         e, d, mul = x.shape
         x = (x.view(e, d, h, mul // h) * alpha.view(e, 1, h, 1)).view(e, d, mul)
-        out.append(torch.zeros((num_dst, d, mul), dtype=x.dtype, device=x.device).index_add(0, dst, x))
+        out.append(dst.sum(x))
     return _linear(ctx, att.lin_out, out)
 
 
@@ -694,8 +726,13 @@ def fused_forward(model, hg: Hypergraph) -> Tensor:
     pos = hg.positions
     ctx = _Ctx(model, dtype, pos.device)
     z = model.element_indices(hg.numbers)
-    anchor = hg.token_anchor[hg.v2e_dst]
-    vec = pos[hg.v2e_src] - pos[anchor]
+    n_atoms, n_tok = hg.num_atoms, hg.num_tokens
+    tables = _TABLES.get() or {}
+    e2t = Segments(hg.v2e_dst, n_tok, tables.get("v2e_dst"))  # incidence -> its token
+    e2a = Segments(hg.v2e_src, n_atoms, tables.get("v2e_src"))  # incidence -> its member atom
+    t2a = Segments(hg.token_anchor, n_atoms, tables.get("token_anchor"))  # token -> its anchor atom
+    # member minus anchor; the anchor's position reaches the incidence through its token
+    vec = e2a.gather(pos) - e2t.gather(t2a.gather(pos))
     length = torch.linalg.vector_norm(vec, dim=-1)
     sh = _sh_blocks(model, vec)
     basis = model.basis(length)
@@ -704,7 +741,6 @@ def fused_forward(model, hg: Hypergraph) -> Tensor:
     if has_switched_tokens(hg):
         w_tok = token_weights(hg, length, frag.implicit_rc, frag.switch_width)
 
-    n_atoms, n_tok = hg.num_atoms, hg.num_tokens
     ns = model.n_scalar
     # token embedding: anchor element + degree term (radial x Y_l summed over the token's members)
     hiddens = _radial_hiddens(ctx, [model.deg_radial] + [block.v2e.radial for block in model.blocks], basis)
@@ -714,7 +750,7 @@ def fused_forward(model, hg: Hypergraph) -> Tensor:
     for l, y in enumerate(sh):
         rad = torch.addmm(last.bias[l * ns:(l + 1) * ns], hidden, last.weight[l * ns:(l + 1) * ns].t())
         part = y.unsqueeze(2) * rad.unsqueeze(1)  # (E, d, ns)
-        deg.append(torch.zeros((n_tok, 2 * l + 1, ns), dtype=dtype, device=pos.device).index_add(0, hg.v2e_dst, part))
+        deg.append(e2t.sum(part))
     s = _linear(ctx, model.deg_lin, deg)
     inv = 1.0 / torch.sqrt(model.avg_hyperedge_degree).to(dtype)
     s = [x * inv for x in s]
@@ -725,17 +761,16 @@ def fused_forward(model, hg: Hypergraph) -> Tensor:
     if w_tok is not None:
         tok = [x * w_tok.view(-1, 1, 1) for x in tok]
     inv_n = 1.0 / torch.sqrt(model.avg_node_degree).to(dtype)
-    u = [torch.zeros((n_atoms,) + x.shape[1:], dtype=dtype, device=pos.device).index_add(0, hg.token_anchor, x) * inv_n
-         for x in tok]
+    u = [t2a.sum(x) * inv_n for x in tok]
     u[0] = _add_scalars(u[0], model.atom_embed(z))
     n_in = _layer_norm(model.node_in_norm, u)
 
     for block, hidden in zip(model.blocks, hiddens[1:]):
-        s = [a + b for a, b in zip(s, _attention(ctx, block.v2e, h_in, n_in, hg.v2e_src, hg.v2e_dst,
+        s = [a + b for a, b in zip(s, _attention(ctx, block.v2e, h_in, n_in, e2a, e2t,
                                                   sh, hidden, None, sh_mode=True))]
         s = [a + b for a, b in zip(s, _ffn(ctx, block.tok_ffn, _layer_norm(block.tok_norm, s)))]
         h_in = _layer_norm(block.tok_out_norm, s)
-        u = [a + b for a, b in zip(u, _attention(ctx, block.e2v, n_in, None, None, hg.token_anchor,
+        u = [a + b for a, b in zip(u, _attention(ctx, block.e2v, n_in, None, None, t2a,
                                                   h_in, None, w_tok, sh_mode=False))]
         ffn = _ffn(ctx, block.node_ffn, _layer_norm(block.node_norm, u))
         short = _linear(ctx, block.node_shortcut, u) if block.node_shortcut is not None else u

@@ -76,5 +76,10 @@ class PerTopology(Generic[T]):
             self._entries.popitem(last=False)
         return value
 
+    def discard(self, hg: Hypergraph) -> None:
+        """Forget the entries ``hg`` would get (the next call builds a new one)."""
+        for key in [k for k, (template, _v) in self._entries.items() if self.same(template, hg)]:
+            del self._entries[key]
+
     def __len__(self) -> int:
         return len(self._entries)
