@@ -50,7 +50,9 @@ class SE3SetCalculator(Calculator):
         (:mod:`se3set_ase.model.graphed`); default True on CUDA. Same numbers, several times
         faster for molecules of up to a few hundred atoms, where launching kernels sets the time.
     compile: trace energy + forces once per molecule (the token lists are inputs of symbolic
-        size, so neither the Verlet list nor a re-fragmentation needs a new graph) and compile them
+        size, so neither the Verlet list nor a re-fragmentation needs a new graph; on the CPU only
+        a segment outgrowing the room of its inverse table, e.g. an atom in many more tokens, does)
+        and compile them
         with TorchInductor (:mod:`se3set_ase.model.compiled`); default False. On the CPU 2.4-4.6x
         as fast per float32 call (paper and small presets, DHA, two cores; float64 gains less); on
         CUDA the compiled graph is what the CUDA graph replays (fewer, fused kernels: small preset,

@@ -610,23 +610,49 @@ def test_compiled_cpu_graph_takes_inverse_tables_and_recompiles_when_a_segment_o
     """On the CPU the compiled graph gathers and sums along the index lists through inverse tables
     (no scatter-add; ``se3set_ase.model.segments``) whose widths are fixed when it is compiled. A
     token list with a longer segment than those widths allow gets a new graph with wider tables,
-    never a truncated sum; a narrower one then fits the wider tables. Energies and forces are the
+    never a truncated sum, and no narrower than the old ones: two token lists that outgrow each
+    other's tables in different fields end up sharing one graph. Energies and forces are the
     eager network's to rounding throughout."""
     from se3set_ase.hypergraph import from_tokens
     from se3set_ase.model.compiled import CompiledEnergyForces, table_widths
 
     frozen = randomised(num_blocks=1).requires_grad_(False)
     eth = molecule("CH3CH2OH")
-    narrow = from_tokens(eth.numbers, eth.positions, [[0, 1, 2], [2, 3, 4]])
     wide = from_tokens(eth.numbers, eth.positions, [list(range(9))])  # 8 incidences per atom and token
-    assert all(table_widths(narrow)[f] < w for f, w in {"v2e_src": 8, "v2e_dst": 8}.items())
+    pairs = from_tokens(eth.numbers, eth.positions, [[0, i] for i in range(1, 9)])  # atom 0 anchors 8 tokens
+    narrow = from_tokens(eth.numbers, eth.positions, [[0, 1, 2], [2, 3, 4]])
+    assert table_widths(wide) == {"v2e_dst": 10, "v2e_src": 10, "token_anchor": 3}
+    assert table_widths(pairs) == {"v2e_dst": 3, "v2e_src": 10, "token_anchor": 10}
     assert CompiledEnergyForces(frozen).segment_tables
     assert not CompiledEnergyForces(frozen, segment_tables=False).segment_tables
     call = CompiledEnergyForces(frozen)
-    for hg, compilations in [(narrow, 1), (wide, 2), (narrow, 2)]:
+    for hg, compilations in [(wide, 1), (pairs, 2), (wide, 2), (narrow, 2), (pairs, 2)]:
         energy, forces, _ = call(hg)
         e_ref, f_ref, _ = energy_and_forces(frozen, hg)
         assert call.compilations == compilations
         assert torch.abs(f_ref).max() > 1e-2
         torch.testing.assert_close(forces, f_ref, rtol=0, atol=1e-9 * float(torch.abs(f_ref).max()))
         torch.testing.assert_close(energy, e_ref, rtol=1e-9, atol=0)
+    assert [t.shape[1] for t in call.graph_inputs(wide)[1][-3:]] == [10, 10, 10]
+
+
+def test_compiled_cpu_graph_holds_no_scatter_add_of_features():
+    """With inverse tables the traced energy + forces graph (what ``compile=True`` compiles on the
+    CPU) keeps only the scatter-adds of per-token or per-atom scalars (the attention's maxima and
+    sums per head, the switched tokens' weights, the energy per molecule): none of a feature
+    tensor (tokens or atoms x components x channels), forward or backward."""
+    from se3set_ase.model.compiled import table_widths, trace_energy_and_forces
+    from se3set_ase.model.fused import unrolled_products
+
+    frozen = randomised(preset="md22", num_blocks=1).requires_grad_(False)
+    hg = Fragmenter(frozen.config.fragment)(next(_jittered_dha(1))).to("cpu", torch.float64)
+
+    def scatters(widths):
+        with unrolled_products(True):
+            graph = trace_energy_and_forces(frozen, hg, widths=widths)
+        return [n.meta["val"].dim() for n in graph.graph.nodes if n.op == "call_function"
+                and str(n.target).startswith(("aten.index_put", "aten.index_add", "aten.scatter"))]
+
+    without, with_tables = scatters(None), scatters(table_widths(hg))
+    assert max(without) == 3 and len(with_tables) < len(without) // 3
+    assert with_tables and max(with_tables) <= 2

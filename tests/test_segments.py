@@ -39,10 +39,19 @@ def test_tables_give_the_sums_and_gathers_of_index_add_and_index_select(width):
     plain, tabled = _both(INDEX, 5, width)
     x = torch.randn(7, 3, 2, dtype=torch.float64)
     y = torch.randn(5, 3, 2, dtype=torch.float64)
-    torch.testing.assert_close(tabled.sum(x), torch.zeros(5, 3, 2, dtype=torch.float64).index_add(0, INDEX, x),
-                               rtol=1e-15, atol=1e-15)
+    expected = torch.zeros(5, 3, 2, dtype=torch.float64).index_add(0, INDEX, x)
+    assert torch.equal(tabled.sum(x), expected) and torch.equal(plain.sum(x), expected)  # same order
     assert torch.equal(tabled.gather(y), y[INDEX])
-    assert torch.equal(plain.sum(x)[1], torch.zeros(3, 2, dtype=torch.float64))  # an empty segment
+    assert torch.equal(tabled.sum(x)[1], torch.zeros(3, 2, dtype=torch.float64))  # an empty segment
+
+
+def test_segments_refuse_mismatched_shapes():
+    """The padding entry of a table is len(index): rows of another length, or a table for another
+    number of segments, would sum the wrong rows."""
+    with pytest.raises(ValueError, match=r"shape \(4, width\)"):
+        Segments(INDEX, 4, inverse_table(INDEX, 5, 3))
+    with pytest.raises(ValueError, match="summing 8 rows along an index list of 7"):
+        Segments(INDEX, 5, inverse_table(INDEX, 5, 3)).sum(torch.zeros(8, 2))
 
 
 def test_tables_give_the_same_first_and_second_derivatives():

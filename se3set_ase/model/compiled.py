@@ -1,4 +1,5 @@
-"""Energy and forces from a compiled graph, one per molecule, whatever its token lists.
+"""Energy and forces from a compiled graph, one per molecule, whatever its token lists (on the CPU:
+while their segments fit the graph's inverse tables).
 
 On a CPU a force call of the fused network is a few thousand PyTorch operations, many of them
 small (per irrep type, per Clebsch-Gordan path, forward and backward), and the small ones cost
@@ -78,13 +79,15 @@ _INDEX_FIELDS = ("token_anchor", "token_edge", "token_switched", "v2e_src", "v2e
 _TABLE_FIELDS = {"v2e_dst": "num_tokens", "v2e_src": "num_atoms", "token_anchor": "num_atoms"}
 
 
-def table_widths(hg: Hypergraph) -> dict[str, int]:
+def table_widths(hg: Hypergraph, at_least: dict[str, int] | None = None) -> dict[str, int]:
     """The inverse tables' widths for a graph compiled with ``hg``: each field's largest segment
-    plus room for the segments to grow (more cross tokens) before a recompile is needed."""
+    plus room for the segments to grow (more cross tokens) before a recompile is needed, and no
+    less than ``at_least`` (the widths of the graph it replaces: two token lists that outgrow each
+    other's tables in different fields then share one graph instead of recompiling in turn)."""
     out = {}
     for field, size in _TABLE_FIELDS.items():
         m = max_segment(getattr(hg, field), getattr(hg, size))
-        out[field] = m + max(2, m // 4)
+        out[field] = max(m + max(2, m // 4), (at_least or {}).get(field, 0))
     return out
 
 
@@ -107,7 +110,7 @@ def _inputs(hg: Hypergraph, tables: tuple[Tensor, ...] = ()) -> tuple[Tensor, ..
 
 class CompiledEnergyForces:
     """``energy_and_forces(model, hg)`` through a compiled graph, one per molecule (same elements
-    and batch; any token lists).
+    and batch; any token lists whose segments fit its inverse tables, if it has them).
 
     ``model``: an inference model (no parameter needs a gradient) on the CPU or a CUDA device
     (Triton kernels there; the calculator replays the compiled graph from a CUDA graph). Call with a
@@ -117,7 +120,11 @@ class CompiledEnergyForces:
     CPU) or as the eager path's batched matmuls (default on CUDA). ``inductor_options``: passed to
     ``torch.compile(options=...)`` over the device's defaults (:data:`CPU_INDUCTOR_OPTIONS` on the
     CPU, none on CUDA), e.g. ``{"freezing": True}`` or ``{"cpp_wrapper": False}``; for A/B timing in
-    ``benchmarks/bench_compiled.py``.
+    ``benchmarks/bench_compiled.py``. ``segment_tables``: gather and sum along the index lists
+    through inverse tables (:mod:`.segments`, no scatter-add of features; default on the CPU, where
+    it was measured 1.06-1.07x faster per paper-preset call) or through ATen's ``index_select`` /
+    ``index_add`` (default on CUDA). The index tensors of a hypergraph passed in must not be
+    changed in place afterwards: the tables of the last ones are kept by identity.
     """
 
     def __init__(self, model: SE3SetModel, max_graphs: int = 4, unroll_products: bool | None = None,
@@ -135,6 +142,7 @@ class CompiledEnergyForces:
         # on the CPU; on CUDA the tables would be rebuilt outside a captured CUDA graph, not done
         self.segment_tables = self.device.type == "cpu" if segment_tables is None else segment_tables
         self._tables_for: tuple[tuple[Tensor, ...], dict[str, int], tuple[Tensor, ...]] | None = None
+        self._outgrown: dict[str, int] | None = None  # the widths of a graph being replaced
         defaults = CPU_INDUCTOR_OPTIONS if self.device.type == "cpu" else {}
         self.inductor_options = {**defaults, **(inductor_options or {})} or None
         # TorchInductor's loops written for one thread (ATen's matrix products keep torch's threads)
@@ -158,7 +166,7 @@ class CompiledEnergyForces:
     symbolic_sizes = True
 
     def _trace_and_compile(self, static: Hypergraph) -> _Compiled:
-        widths = table_widths(static) if self.segment_tables else {}
+        widths = table_widths(static, self._outgrown) if self.segment_tables else {}
         graph = trace_energy_and_forces(self.model, static, self.symbolic_sizes, widths)
         example = _inputs(static, make_tables(static, widths))
         fn = torch.compile(graph, dynamic=self.symbolic_sizes, fullgraph=True, options=self.inductor_options)
@@ -181,7 +189,11 @@ class CompiledEnergyForces:
         tables = make_tables(hg, entry.widths)
         if tables is None:
             self._graphs.discard(hg)
-            entry = self._graphs(hg)
+            self._outgrown = entry.widths
+            try:
+                entry = self._graphs(hg)
+            finally:
+                self._outgrown = None
             tables = make_tables(hg, entry.widths)
         self._tables_for = (indices, entry.widths, tables)
         return entry, tables

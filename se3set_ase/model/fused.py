@@ -731,8 +731,10 @@ def fused_forward(model, hg: Hypergraph) -> Tensor:
     e2t = Segments(hg.v2e_dst, n_tok, tables.get("v2e_dst"))  # incidence -> its token
     e2a = Segments(hg.v2e_src, n_atoms, tables.get("v2e_src"))  # incidence -> its member atom
     t2a = Segments(hg.token_anchor, n_atoms, tables.get("token_anchor"))  # token -> its anchor atom
-    # member minus anchor; the anchor's position reaches the incidence through its token
-    vec = e2a.gather(pos) - e2t.gather(t2a.gather(pos))
+    if t2a.table is None:
+        vec = e2a.gather(pos) - pos[hg.token_anchor[hg.v2e_dst]]  # member minus anchor
+    else:  # the anchor's position reaches the incidence through its token: gathers only
+        vec = e2a.gather(pos) - e2t.gather(t2a.gather(pos))
     length = torch.linalg.vector_norm(vec, dim=-1)
     sh = _sh_blocks(model, vec)
     basis = model.basis(length)

@@ -5,7 +5,8 @@ fragmentation is cached per bond topology; implicit cross tokens keep their list
 skin), and only the positions change. Work that depends on the indices alone, such as a captured
 CUDA graph (:mod:`.graphed`), is done once per topology and kept in a small least-recently-used
 cache. A compiled graph (:mod:`.compiled`) takes the indices as inputs of symbolic size and is
-kept once per molecule (same elements), whatever its token lists.
+kept once per molecule (same elements), whatever its token lists (on the CPU, while their segments
+fit its inverse tables, :func:`.compiled.table_widths`).
 """
 from __future__ import annotations
 

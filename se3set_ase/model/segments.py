@@ -15,9 +15,10 @@ such a table, and each one's backward is the other, so the forces' backward (and
 backward) contains gathers only. Without a table it calls ``index_select`` / ``index_add``, the
 eager path's operations.
 
-The sum over a segment is taken in increasing edge order, as ``index_add`` takes it, but
-``index_add`` adds into zeros one edge at a time and the table adds pairs from the first entry
-on: the results agree to rounding, not to the bit.
+The sum over a segment is taken in increasing edge order, as ``index_add`` takes it (which starts
+from zero, where the table starts from the first entry and adds the padding's exact zeros last):
+the same numbers to the bit in eager mode. In a compiled graph the fused loops around them may
+round differently.
 """
 from __future__ import annotations
 
@@ -114,12 +115,19 @@ class Segments:
     size: int
     table: Tensor | None = None
 
+    def __post_init__(self):
+        if self.table is not None and (self.table.dim() != 2 or self.table.shape[0] != self.size):
+            raise ValueError(f"an inverse table for {self.size} segments must have shape ({self.size}, width), "
+                             f"got {tuple(self.table.shape)}")
+
     def gather(self, x: Tensor) -> Tensor:
         if self.table is None:
             return x.index_select(0, self.index)
         return _Gather.apply(x, self.index, self.table)
 
     def sum(self, x: Tensor) -> Tensor:
+        if x.shape[0] != self.index.shape[0]:  # the table's padding entry is len(index)
+            raise ValueError(f"summing {x.shape[0]} rows along an index list of {self.index.shape[0]}")
         if self.table is None:
             out = torch.zeros((self.size,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
             return out.index_add(0, self.index, x)
