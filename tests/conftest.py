@@ -1,5 +1,5 @@
-"""Shared test settings: one thread per library (CI has 2 cores and tblite busy-waits), and
-hypergraph caches in a temporary folder."""
+"""Shared test settings: one thread per library (CI has 2 cores, each running one pytest-xdist
+worker, and tblite busy-waits), and hypergraph caches in a temporary folder."""
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
