@@ -10,7 +10,9 @@ default with that wrapper in Python, as before 2026-12-07; ``v2e-only`` unrolls 
 products; ``matmul`` is the eager layout (batched matmuls), which the compiled path used before
 2026-12-06; ``scatter`` is the default with the gathers' backward and the sums along the index
 lists as scatter-adds (ATen's ``index_put``), as before the inverse tables of
-:mod:`se3set_ase.model.segments` (2026-12-07); ``freezing``, ``serial-loops``, ``grouped``, ``static``, ``autotune``,
+:mod:`se3set_ase.model.segments` (2026-12-07); ``scalar-constants`` is the default with the
+traced graph's 0-d constants left 0-d, over which Dynamo restarted its trace once per compile, as
+before 2026-12-07's fifth session (the script says when a compile restarted); ``freezing``, ``serial-loops``, ``grouped``, ``static``, ``autotune``,
 ``memory-planning``, ``aggressive-fusion``, ``chunk64`` and ``dynamic-threads`` are TorchInductor
 options and layouts that were measured and not adopted (``benchmarks/README.md``; measured against
 the Python-wrapper default of their day, their options now apply over the C++ wrapper). For each
@@ -26,6 +28,7 @@ energies and forces with the first variant's (equal to the bit, or how far apart
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import sys
 import time
@@ -39,6 +42,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_speed import make_model, molecules  # noqa: E402
 from se3set_ase.fragment import Fragmenter, FragmentSettings  # noqa: E402
+from se3set_ase.model import compiled  # noqa: E402
 from se3set_ase.model.compiled import CompiledEnergyForces  # noqa: E402
 from se3set_ase.model import fused  # noqa: E402
 from se3set_ase.model.fused import fused_energy_and_forces  # noqa: E402
@@ -90,6 +94,10 @@ VARIANTS = {
     # (ATen's index_put with two threads), as compile=True had them before the inverse tables of
     # se3set_ase.model.segments (``CompiledEnergyForces(segment_tables=False)``)
     "scatter": (True, True, None, None),
+    # default layout, the traced graph's 0-d constants (average degrees, energy scale) left 0-d, as
+    # before 2026-12-07 (fifth session): Dynamo reads them as floats and restarts its whole trace
+    # once per compile to specialise them (``compiled._no_scalar_constants``); the same kernels
+    "scalar-constants": (True, True, None, None),
 }
 # the variants compiled without inverse tables
 SCATTER_VARIANTS = {"scatter"}
@@ -101,6 +109,31 @@ class StaticShapes(CompiledEnergyForces):
     keeps symbolic sizes, which serve every token list of a molecule)."""
 
     symbolic_sizes = False
+
+
+class DynamoRestarts(logging.Handler):
+    """Within the block, collects Dynamo's "Restarting analysis" messages: each one is a whole
+    trace (and, for a specialised float, an AOT pass) done again."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.records: list[str] = []
+        self.logger = logging.getLogger("torch._dynamo.convert_frame")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("Restarting analysis"):
+            self.records.append(message)
+
+    def __enter__(self) -> "DynamoRestarts":
+        self.level = self.logger.level
+        self.logger.addHandler(self)
+        self.logger.setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.level)
 
 
 def main() -> None:
@@ -136,8 +169,18 @@ def main() -> None:
             cls = StaticShapes if name == "static" else CompiledEnergyForces
             c = cls(model, unroll_products=unroll, inductor_options=options,
                     segment_tables=name not in SCATTER_VARIANTS)
-            c(hg)
+            keep = compiled._no_scalar_constants
+            if name == "scalar-constants":
+                compiled._no_scalar_constants = lambda graph: None
+            try:
+                with DynamoRestarts() as restarts:
+                    c(hg)
+            finally:
+                compiled._no_scalar_constants = keep
             compile_s[name] = time.perf_counter() - t0
+            if restarts.records:
+                print(f"#   {preset} ({name}): Dynamo restarted its trace {len(restarts.records)} time(s) "
+                      f"({'; '.join(restarts.records)})", flush=True)
             calls[name] = lambda c=c: c(hg)
             print(f"#   {preset}: compiled ({name}) in {compile_s[name]:.0f} s", flush=True)
         fused.UNROLL_SHARED_PRODUCTS, fused.GROUP_SHARED_PRODUCTS = True, None

@@ -3,6 +3,7 @@ bare model, NVE energy conservation, geometry optimisation, model lookup by name
 devices."""
 from __future__ import annotations
 
+import logging
 import warnings
 
 import numpy as np
@@ -423,10 +424,67 @@ def test_compiled_energy_and_forces_match_eager_across_token_lists(threads):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        _check_compiled_against_eager(finite_differences=threads == 1)
+        with _DynamoRestarts() as restarts:
+            _check_compiled_against_eager(finite_differences=threads == 1)
     finally:
         torch.set_num_threads(before)
     assert not torch.are_deterministic_algorithms_enabled()  # the setting was restored
+    assert restarts.messages == []  # one Dynamo trace per compile (compiled._no_scalar_constants)
+
+
+class _DynamoRestarts(logging.Handler):
+    """Dynamo's "Restarting analysis" messages within the block (each one a whole trace redone)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+        self.logger = logging.getLogger("torch._dynamo.convert_frame")
+
+    def emit(self, record):
+        if record.getMessage().startswith("Restarting analysis"):
+            self.messages.append(record.getMessage())
+
+    def __enter__(self):
+        self.level = self.logger.level
+        self.logger.addHandler(self)
+        self.logger.setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.level)
+
+
+def test_traced_graph_holds_its_scalars_as_one_element_tensors(monkeypatch):
+    """The graph ``compile=True`` traces keeps no 0-d tensor constant (the average degrees, the
+    energy scale): ``torch.compile(dynamic=True)`` would read each as a float and restart its whole
+    trace to specialise it. They are 1-element tensors viewed as 0-d: the graph gives the same
+    energies and forces to the bit as the graph traced without that rewrite, and the eager
+    network's to rounding."""
+    from se3set_ase.model import compiled
+    from se3set_ase.model.compiled import _inputs, make_tables, table_widths, trace_energy_and_forces
+    from se3set_ase.model.fused import unrolled_products
+
+    frozen = randomised(preset="md22", num_blocks=1).requires_grad_(False)
+    hg = Fragmenter(frozen.config.fragment)(next(_jittered_dha(1))).to("cpu", torch.float64)
+    widths = table_widths(hg)
+    with unrolled_products(True):
+        graph = trace_energy_and_forces(frozen, hg, widths=widths)
+        monkeypatch.setattr(compiled, "_no_scalar_constants", lambda graph: None)
+        as_traced = trace_energy_and_forces(frozen, hg, widths=widths)
+        e_ref, f_ref, _ = energy_and_forces(frozen, hg)
+
+    def constants(g):
+        return [getattr(g, n.target) for n in g.graph.nodes if n.op == "get_attr"]
+
+    assert sum(c.dim() == 0 for c in constants(as_traced)) >= 3  # the two degrees and the energy scale
+    assert constants(graph) and all(c.dim() > 0 for c in constants(graph))
+    inputs = _inputs(hg, make_tables(hg, widths))
+    out, out_as_traced = graph(*inputs), as_traced(*inputs)
+    assert all(torch.equal(a, b) for a, b in zip(out, out_as_traced))
+    energy, forces, _ = out
+    torch.testing.assert_close(forces, f_ref, rtol=0, atol=1e-12 * float(torch.abs(f_ref).max()))
+    torch.testing.assert_close(energy, e_ref, rtol=1e-12, atol=0)
 
 
 def _jittered_dha(n: int = 3, scale: float = 0.06, seed: int = 0):

@@ -50,7 +50,7 @@ from ..hypergraph import Hypergraph, no_host_sync
 from .fused import inverse_tables, unrolled_products
 from .network import SE3SetModel, energy_and_forces
 from .per_topology import PerTopology, same_atoms
-from .segments import inverse_table, max_segment
+from .segments import SegmentOverflow, inverse_table, max_segment
 
 Tensor = torch.Tensor
 
@@ -96,10 +96,10 @@ def make_tables(hg: Hypergraph, widths: dict[str, int]) -> tuple[Tensor, ...] | 
     in ``_TABLE_FIELDS`` order; None if a segment outgrew its width."""
     out = []
     for field, width in widths.items():
-        index, size = getattr(hg, field), getattr(hg, _TABLE_FIELDS[field])
-        if max_segment(index, size) > width:
+        try:
+            out.append(inverse_table(getattr(hg, field), getattr(hg, _TABLE_FIELDS[field]), width))
+        except SegmentOverflow:
             return None
-        out.append(inverse_table(index, size, width))
     return tuple(out)
 
 
@@ -241,7 +241,7 @@ def trace_energy_and_forces(model: SE3SetModel, static: Hypergraph, symbolic_siz
             energy, forces, e_atom = energy_and_forces(model, g, training=False)
         return energy.detach(), forces.detach(), e_atom.detach()
 
-    example = _inputs(static, make_tables(static, widths) if widths else ())
+    example = _inputs(static, make_tables(static, widths))
     # no duck sizing: two index lists that happen to have the same length must not be
     # assumed to have it always
     with no_host_sync(), fx_config.patch(use_duck_shape=False):
@@ -250,6 +250,7 @@ def trace_energy_and_forces(model: SE3SetModel, static: Hypergraph, symbolic_siz
     if symbolic_sizes:
         _check_sizes_symbolic(graph)
         _numels_as_sizes(graph)
+    _no_scalar_constants(graph)
     return graph
 
 
@@ -276,6 +277,36 @@ def _numels_as_sizes(graph: torch.fx.GraphModule) -> None:
                 size = graph.graph.call_function(torch.ops.aten.sym_size.int, (x, 0))
             size.meta["val"] = node.meta["val"]
             node.replace_all_uses_with(size)
+        graph.graph.erase_node(node)
+        changed = True
+    if changed:
+        graph.graph.lint()
+        graph.recompile()
+
+
+def _no_scalar_constants(graph: torch.fx.GraphModule) -> None:
+    """Hold the traced graph's 0-d tensor constants (the model's average degrees and energy scale)
+    as 1-element tensors viewed as 0-d. ``torch.compile(dynamic=True)`` reads a 0-d constant as an
+    unspecialised float, which TorchInductor then specialises by restarting the whole trace: one
+    more Dynamo trace and AOT pass per compile, ~100 s before the restart of a 348 s tiny-preset
+    DHA compile against 278 s without (``bench_compiled.py``, variant ``scalar-constants``). The
+    same kernels, the same numbers to the bit."""
+    changed = False
+    for node in list(graph.graph.nodes):
+        if node.op != "get_attr":
+            continue
+        value = getattr(graph, node.target)
+        if not isinstance(value, Tensor) or value.dim() != 0:
+            continue
+        name = f"{node.target}_as_1d"
+        graph.register_buffer(name, value.reshape(1).clone())
+        with graph.graph.inserting_after(node):
+            held = graph.graph.get_attr(name)
+        with graph.graph.inserting_after(held):
+            view = graph.graph.call_function(torch.ops.aten.view.default, (held, []))
+        if "val" in node.meta:
+            view.meta["val"] = node.meta["val"]
+        node.replace_all_uses_with(view)
         graph.graph.erase_node(node)
         changed = True
     if changed:

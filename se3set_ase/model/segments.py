@@ -37,12 +37,16 @@ def max_segment(index: Tensor, size: int) -> int:
     return int(torch.bincount(index, minlength=size).max())
 
 
+class SegmentOverflow(ValueError):
+    """A segment of an index list has more entries than its inverse table's width."""
+
+
 def inverse_table(index: Tensor, size: int, width: int) -> Tensor:
     """(size, width) int64: row ``i`` holds the positions ``e`` of ``index`` (E,) with
     ``index[e] == i`` in increasing order, then ``E`` (the padding entry) up to ``width``.
 
-    Raises ``ValueError`` if a value occurs more than ``width`` times or lies outside
-    ``range(size)``."""
+    Raises :class:`SegmentOverflow` (a ``ValueError``) if a value occurs more than ``width``
+    times, ``ValueError`` if one lies outside ``range(size)``."""
     if index.dim() != 1:
         raise ValueError(f"index must be 1-D, got shape {tuple(index.shape)}")
     n = index.numel()
@@ -50,7 +54,7 @@ def inverse_table(index: Tensor, size: int, width: int) -> Tensor:
         raise ValueError(f"index values must lie in [0, {size})")
     counts = torch.bincount(index, minlength=size) if n else index.new_zeros(size)
     if n and int(counts.max()) > width:
-        raise ValueError(f"a segment has {int(counts.max())} entries, more than the table's width {width}")
+        raise SegmentOverflow(f"a segment has {int(counts.max())} entries, more than the table's width {width}")
     order = torch.argsort(index, stable=True)
     start = torch.cumsum(counts, 0) - counts
     sorted_index = index[order]
