@@ -41,7 +41,7 @@ from typing import Callable
 import torch
 
 from ..hypergraph import Hypergraph, no_host_sync
-from .compiled import _threads_safe
+from .compiled import _no_scalar_constants, _threads_safe
 from .fused import fused_energy_and_forces, unrolled_products
 from .network import SE3SetModel
 
@@ -126,6 +126,7 @@ class CompiledTrainingForces:
         with unrolled_products(self.unroll_products), no_host_sync(), fx_config.patch(use_duck_shape=False):
             graph = make_fx(call, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*example)
         _reattach_saved_outputs(graph)
+        _no_scalar_constants(graph)  # else torch.compile restarts its trace to specialise them
         fn = graph
         if self.compile:
             try:
