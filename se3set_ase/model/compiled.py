@@ -288,9 +288,10 @@ def _no_scalar_constants(graph: torch.fx.GraphModule) -> None:
     """Hold the traced graph's 0-d tensor constants (the model's average degrees and energy scale)
     as 1-element tensors viewed as 0-d. ``torch.compile(dynamic=True)`` reads a 0-d constant as an
     unspecialised float, which TorchInductor then specialises by restarting the whole trace: one
-    more Dynamo trace and AOT pass per compile, ~100 s before the restart of a 348 s tiny-preset
-    DHA compile against 278 s without (``bench_compiled.py``, variant ``scalar-constants``). The
-    same kernels, the same numbers to the bit."""
+    more Dynamo trace and AOT pass per compile. Cold DHA compiles on two cores: 278 s against
+    348 s with the restart at the tiny preset, 730 s against 1016 s at the paper preset (the
+    restart ~6 min in; ``bench_compiled.py``, variant ``scalar-constants``). The same kernels,
+    the same numbers to the bit."""
     changed = False
     for node in list(graph.graph.nodes):
         if node.op != "get_attr":
