@@ -28,7 +28,6 @@ energies and forces with the first variant's (equal to the bit, or how far apart
 from __future__ import annotations
 
 import argparse
-import logging
 import statistics
 import sys
 import time
@@ -43,7 +42,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_speed import make_model, molecules  # noqa: E402
 from se3set_ase.fragment import Fragmenter, FragmentSettings  # noqa: E402
 from se3set_ase.model import compiled  # noqa: E402
-from se3set_ase.model.compiled import CompiledEnergyForces  # noqa: E402
+from se3set_ase.model.compiled import CompiledEnergyForces, dynamo_restarts  # noqa: E402
 from se3set_ase.model import fused  # noqa: E402
 from se3set_ase.model.fused import fused_energy_and_forces  # noqa: E402
 
@@ -111,31 +110,6 @@ class StaticShapes(CompiledEnergyForces):
     symbolic_sizes = False
 
 
-class DynamoRestarts(logging.Handler):
-    """Within the block, collects Dynamo's "Restarting analysis" messages: each one is a whole
-    trace (and, for a specialised float, an AOT pass) done again."""
-
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.records: list[str] = []
-        self.logger = logging.getLogger("torch._dynamo.convert_frame")
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if message.startswith("Restarting analysis"):
-            self.records.append(message)
-
-    def __enter__(self) -> "DynamoRestarts":
-        self.level = self.logger.level
-        self.logger.addHandler(self)
-        self.logger.setLevel(logging.INFO)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.logger.removeHandler(self)
-        self.logger.setLevel(self.level)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--presets", default="small,paper")
@@ -173,14 +147,14 @@ def main() -> None:
             if name == "scalar-constants":
                 compiled._no_scalar_constants = lambda graph: None
             try:
-                with DynamoRestarts() as restarts:
+                with dynamo_restarts() as restarts:
                     c(hg)
             finally:
                 compiled._no_scalar_constants = keep
             compile_s[name] = time.perf_counter() - t0
-            if restarts.records:
-                print(f"#   {preset} ({name}): Dynamo restarted its trace {len(restarts.records)} time(s) "
-                      f"({'; '.join(restarts.records)})", flush=True)
+            if restarts:
+                print(f"#   {preset} ({name}): Dynamo restarted its trace {len(restarts)} time(s) "
+                      f"({'; '.join(restarts)})", flush=True)
             calls[name] = lambda c=c: c(hg)
             print(f"#   {preset}: compiled ({name}) in {compile_s[name]:.0f} s", flush=True)
         fused.UNROLL_SHARED_PRODUCTS, fused.GROUP_SHARED_PRODUCTS = True, None

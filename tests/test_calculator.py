@@ -3,7 +3,6 @@ bare model, NVE energy conservation, geometry optimisation, model lookup by name
 devices."""
 from __future__ import annotations
 
-import logging
 import warnings
 
 import numpy as np
@@ -20,6 +19,7 @@ from se3set_ase.calculator import SE3SetCalculator, TopologyChangeWarning
 from se3set_ase.fragment import Fragmenter, FragmentSettings
 from se3set_ase.hypergraph import collate
 from se3set_ase.model import ModelConfig, SE3SetModel, energy_and_forces, save_model
+from se3set_ase.model.compiled import dynamo_restarts
 from se3set_ase.registry import ModelNotFoundError
 
 
@@ -424,35 +424,12 @@ def test_compiled_energy_and_forces_match_eager_across_token_lists(threads):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        with _DynamoRestarts() as restarts:
+        with dynamo_restarts() as restarts:
             _check_compiled_against_eager(finite_differences=threads == 1)
     finally:
         torch.set_num_threads(before)
     assert not torch.are_deterministic_algorithms_enabled()  # the setting was restored
-    assert restarts.messages == []  # one Dynamo trace per compile (compiled._no_scalar_constants)
-
-
-class _DynamoRestarts(logging.Handler):
-    """Dynamo's "Restarting analysis" messages within the block (each one a whole trace redone)."""
-
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.messages: list[str] = []
-        self.logger = logging.getLogger("torch._dynamo.convert_frame")
-
-    def emit(self, record):
-        if record.getMessage().startswith("Restarting analysis"):
-            self.messages.append(record.getMessage())
-
-    def __enter__(self):
-        self.level = self.logger.level
-        self.logger.addHandler(self)
-        self.logger.setLevel(logging.INFO)
-        return self
-
-    def __exit__(self, *exc):
-        self.logger.removeHandler(self)
-        self.logger.setLevel(self.level)
+    assert restarts == []  # one Dynamo trace per compile (compiled._no_scalar_constants)
 
 
 def test_traced_graph_holds_its_scalars_as_one_element_tensors(monkeypatch):

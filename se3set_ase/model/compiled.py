@@ -40,6 +40,7 @@ longer segment gets a new graph. Paper preset, DHA, two threads, same runs: 181.
 """
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -301,9 +302,8 @@ def _no_scalar_constants(graph: torch.fx.GraphModule) -> None:
             continue
         name = f"{node.target}_as_1d"
         graph.register_buffer(name, value.reshape(1).clone())
-        with graph.graph.inserting_after(node):
+        with graph.graph.inserting_before(node):
             held = graph.graph.get_attr(name)
-        with graph.graph.inserting_after(held):
             view = graph.graph.call_function(torch.ops.aten.view.default, (held, []))
         if "val" in node.meta:
             view.meta["val"] = node.meta["val"]
@@ -313,6 +313,29 @@ def _no_scalar_constants(graph: torch.fx.GraphModule) -> None:
     if changed:
         graph.graph.lint()
         graph.recompile()
+
+
+@contextmanager
+def dynamo_restarts() -> Iterator[list[str]]:
+    """Within the block, Dynamo's "Restarting analysis" messages, collected into the list it
+    yields: each one is a whole trace of the graph done again (see :func:`_no_scalar_constants`).
+    For tests and ``benchmarks/bench_compiled.py``."""
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("Restarting analysis"):
+                messages.append(record.getMessage())
+
+    logger, handler = logging.getLogger("torch._dynamo.convert_frame"), Collect(logging.INFO)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 @contextmanager
