@@ -12,9 +12,7 @@ products; ``matmul`` is the eager layout (batched matmuls), which the compiled p
 lists as scatter-adds (ATen's ``index_put``), as before the inverse tables of
 :mod:`se3set_ase.model.segments` (2026-12-07); ``scalar-constants`` is the default with the
 traced graph's 0-d constants left 0-d, over which Dynamo restarted its trace once per compile, as
-before 2026-12-07's fifth session (the script says when a compile restarted); ``value-map-on-edges``
-is the default with the attention's value map applied on every edge before the weighted sum, as
-before 2026-12-07's sixth session (:func:`se3set_ase.model.fused._attended_values`); ``freezing``, ``serial-loops``, ``grouped``, ``static``, ``autotune``,
+before 2026-12-07's fifth session (the script says when a compile restarted); ``freezing``, ``serial-loops``, ``grouped``, ``static``, ``autotune``,
 ``memory-planning``, ``aggressive-fusion``, ``chunk64`` and ``dynamic-threads`` are TorchInductor
 options and layouts that were measured and not adopted (``benchmarks/README.md``; measured against
 the Python-wrapper default of their day, their options now apply over the C++ wrapper). For each
@@ -99,10 +97,6 @@ VARIANTS = {
     # before 2026-12-07 (fifth session): Dynamo reads them as floats and restarts its whole trace
     # once per compile to specialise them (``compiled._no_scalar_constants``); the same kernels
     "scalar-constants": (True, True, None, None),
-    # default layout, the attention's value map (lin_value2) on every edge before the weighted sum
-    # over each destination, as before 2026-12-07's sixth session (``fused.VALUE_MAP_AFTER_SUM =
-    # False``): 14.16 instead of 12.09 GFLOP of matrix products per paper-preset DHA call
-    "value-map-on-edges": (True, True, None, None),
 }
 # the variants compiled without inverse tables
 SCATTER_VARIANTS = {"scatter"}
@@ -152,13 +146,11 @@ def main() -> None:
             keep = compiled._no_scalar_constants
             if name == "scalar-constants":
                 compiled._no_scalar_constants = lambda graph: None
-            fused.VALUE_MAP_AFTER_SUM = name != "value-map-on-edges"  # read when the graph is traced
             try:
                 with dynamo_restarts() as restarts:
                     c(hg)
             finally:
                 compiled._no_scalar_constants = keep
-                fused.VALUE_MAP_AFTER_SUM = True
             compile_s[name] = time.perf_counter() - t0
             if restarts:
                 print(f"#   {preset} ({name}): Dynamo restarted its trace {len(restarts)} time(s) "

@@ -34,7 +34,7 @@ def macs_per_linear(model, hg) -> collections.Counter:
     """Forward multiply-adds of ``fused._mm`` per issuing module name (block index dropped)."""
     names = {id(m): (n.split(".", 2)[-1] if n.startswith("blocks.") else n) for n, m in model.named_modules()}
     current, macs = ["(other)"], collections.Counter()
-    tp_shared, mm, mm_heads = fused._tp_shared, fused._mm, fused._mm_per_head
+    lin_cols, tp_shared, mm = fused._lin_cols, fused._tp_shared, fused._mm
 
     def named(fn, prefix=""):
         def wrapper(ctx, module, *args, **kwargs):
@@ -49,19 +49,12 @@ def macs_per_linear(model, hg) -> collections.Counter:
         macs[current[0]] += x.shape[0] * x.shape[1] * x.shape[2] * w.shape[1]
         return mm(x, w, bias)
 
-    def counted_mm_heads(x, w):
-        macs[current[0]] += x.shape[0] * x.shape[1] * x.shape[2] * x.shape[3] * w.shape[2]
-        return mm_heads(x, w)
-
-    lin_cols, attended = fused._lin_cols, fused._attended_values
-    fused._lin_cols, fused._attended_values = named(lin_cols), named(attended)
-    fused._tp_shared, fused._mm, fused._mm_per_head = named(tp_shared, "attr @ W^T of "), counted_mm, counted_mm_heads
+    fused._lin_cols, fused._tp_shared, fused._mm = named(lin_cols), named(tp_shared, "attr @ W^T of "), counted_mm
     try:
         with torch.no_grad():
             fused.fused_forward(model, hg)
     finally:
-        fused._lin_cols, fused._attended_values = lin_cols, attended
-        fused._tp_shared, fused._mm, fused._mm_per_head = tp_shared, mm, mm_heads
+        fused._lin_cols, fused._tp_shared, fused._mm = lin_cols, tp_shared, mm
     return macs
 
 
@@ -69,17 +62,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="paper")
     ap.add_argument("--molecule", default="DHA", help="aspirin, Ac-Ala3-NHMe, DHA or stachyose")
-    ap.add_argument("--value-map-on-edges", action="store_true",
-                    help="the attention's value map on every edge, before the weighted sum, as before "
-                         "2026-12-07's sixth session (fused.VALUE_MAP_AFTER_SUM = False)")
     args = ap.parse_args()
-    fused.VALUE_MAP_AFTER_SUM = not args.value_map_on_edges
     atoms, frag = {name: (a, f) for name, a, f in molecules()}[args.molecule]
     model = make_model(args.preset, frag, torch.device("cpu")).requires_grad_(False)
     hg = Fragmenter(FragmentSettings.preset(frag))(atoms).to("cpu", torch.float32)
     print(f"# {args.preset} preset, {args.molecule}: {hg.num_atoms} atoms, {hg.num_tokens} tokens, "
-          f"{hg.v2e_src.shape[0]} atom-token incidences; the attention's value map "
-          f"{'on every edge' if args.value_map_on_edges else 'after the weighted sum'}")
+          f"{hg.v2e_src.shape[0]} atom-token incidences")
     with unrolled_products(True):
         with FlopCounterMode(display=False) as fwd:
             per_linear = macs_per_linear(model, hg)  # one forward, counted both ways

@@ -105,12 +105,6 @@ def inverse_tables(tables: dict[str, Tensor]) -> Iterator[None]:
         _TABLES.reset(token)
 
 
-# The attention's value map (``lin_value2``) applied to each destination's attention-weighted sum
-# of its inputs, per head (True), or to every edge's input before the sum, as the plain module
-# does (False): see :func:`_attended_values`. The same numbers to rounding; matrix products over
-# destinations instead of edges.
-VALUE_MAP_AFTER_SUM = True
-
 # Within unrolled_products(): the E2V products (shared weights, attribute = token features) are
 # unrolled too (True), or only the V2E ones (False: a smaller traced graph, faster to compile).
 UNROLL_SHARED_PRODUCTS = True
@@ -198,14 +192,6 @@ def _mm(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
     return out.view(b, d, w.shape[1])
 
 
-def _mm_per_head(x: Tensor, w: Tensor) -> Tensor:
-    """x (B, d, H, m), w (H, m, n) -> (B, d, H n): head h's input times its own weight, the heads'
-    outputs side by side (one bmm over the heads)."""
-    b, d, h, m = x.shape
-    y = torch.bmm(x.view(b * d, h, m).transpose(0, 1), w)  # (H, B d, n)
-    return y.transpose(0, 1).reshape(b, d, h * w.shape[2])
-
-
 # ------------------------------------------------------------------ IrrepsLinear
 class _LinMeta:
     def __init__(self, lin: IrrepsLinear):
@@ -255,21 +241,21 @@ class _Outer:
         self.shape = (x.shape[0], s.shape[1], x.shape[2])
 
 
-def _lin_terms(ctx: _Ctx, lin: IrrepsLinear, xs: Sequence[Tensor | None], t: int, c0: int, c1: int,
-               row_scale: dict[int, RowScale] | None = None, heads: int | None = None
-               ) -> tuple[tuple[Tensor, Tensor] | None, list[tuple[_Outer, Tensor]]]:
-    """The inputs of columns c0:c1 of type t of ``lin`` among its input blocks ``xs`` (list aligned
-    with ``lin.irreps_in``; None = absent) with their scaled weights: ``(x, w)`` for the dense
-    blocks, concatenated along the channels (once per call of the network, :meth:`_Ctx.concat`),
-    ``x (B, d, m)``, ``w (m, c1 - c0)``, or None if there are none; and ``(o, w)`` per factored
-    block (:class:`_Outer`). ``row_scale[k] = (flat, off, n, c)``: ``c * flat[off:off + n]``
+def _lin_cols(ctx: _Ctx, lin: IrrepsLinear, xs: Sequence[Tensor | None], t: int, c0: int, c1: int,
+              bias0: int | None, row_scale: dict[int, RowScale] | None = None) -> Tensor:
+    """Columns c0:c1 of type t of ``lin`` applied to its input blocks ``xs`` (list aligned with
+    ``lin.irreps_in``; None = absent). ``row_scale[k] = (flat, off, n, c)``: ``c * flat[off:off + n]``
     (mul_k,) multiplies the rows of block k (a folded shared tensor-product weight; given as a
-    parameter and a range, so the cache key needs no tensor data and the slice is taken only when
-    the scaled weight is made). With ``heads`` the dense weight is returned per head,
-    ``(heads, m, (c1 - c0) / heads)``: head h's columns (head-major inside the block)."""
+    parameter and a range, so the cache key needs no tensor data and the slice is taken only
+    when the scaled weight is made).
+
+    The dense input blocks of type t are concatenated along the channels (once per call of the
+    network, :meth:`_Ctx.concat`) and multiplied by the matching rows of the weight in one matmul;
+    factored blocks (:class:`_Outer`) apply the weight to their channel factor first."""
     meta = _lmeta(ctx, lin)
     w = lin.weights[t]
     scale = 1.0 / math.sqrt(meta.fan_in[t])
+    b = lin.bias[bias0:bias0 + (c1 - c0)] if bias0 is not None else None
     dense, outer = [], []
     for k, x in enumerate(xs):
         rows = meta.in_rows[k]
@@ -277,7 +263,7 @@ def _lin_terms(ctx: _Ctx, lin: IrrepsLinear, xs: Sequence[Tensor | None], t: int
             continue
         (outer if isinstance(x, _Outer) else dense).append((k, x, rows[1], rows[2]))
 
-    def weight(blocks, heads: int | None = None) -> Tensor:
+    def weight(blocks) -> Tensor:
         """The scaled weight rows of ``blocks`` stacked in order, (sum of their mul, c1 - c0)."""
         parts = []  # (r0, r1, row scale or None)
         for k, _x, r0, r1 in blocks:
@@ -286,33 +272,19 @@ def _lin_terms(ctx: _Ctx, lin: IrrepsLinear, xs: Sequence[Tensor | None], t: int
         def make() -> Tensor:
             ws = [w[r0:r1, c0:c1] * (scale if rs is None else (rs[0][rs[1]:rs[1] + rs[2]] * (scale * rs[3])).unsqueeze(1))
                   for r0, r1, rs in parts]
-            out = ws[0] if len(ws) == 1 else torch.cat(ws, dim=0)
-            if heads is not None:
-                out = out.view(out.shape[0], heads, (c1 - c0) // heads).transpose(0, 1).contiguous()
-            return out
+            return ws[0] if len(ws) == 1 else torch.cat(ws, dim=0)
 
-        key = (id(lin), t, c0, c1, heads) + tuple((r0, r1) if rs is None else (r0, r1, id(rs[0]), rs[1], rs[2], rs[3])
-                                                  for r0, r1, rs in parts)
+        key = (id(lin), t, c0, c1) + tuple((r0, r1) if rs is None else (r0, r1, id(rs[0]), rs[1], rs[2], rs[3])
+                                           for r0, r1, rs in parts)
         return ctx.frozen_weight(key, (w,) + tuple(rs[0] for _r0, _r1, rs in parts if rs is not None), make)
 
-    dense_term = None
+    acc = None
     if dense:
         x = dense[0][1] if len(dense) == 1 else ctx.concat(xs, [k for k, _x, _r0, _r1 in dense])
-        dense_term = (x, weight(dense, heads))
-    return dense_term, [(blk[1], weight([blk])) for blk in outer]
-
-
-def _lin_cols(ctx: _Ctx, lin: IrrepsLinear, xs: Sequence[Tensor | None], t: int, c0: int, c1: int,
-              bias0: int | None, row_scale: dict[int, RowScale] | None = None) -> Tensor:
-    """Columns c0:c1 of type t of ``lin`` applied to its input blocks ``xs`` (see
-    :func:`_lin_terms`): the dense input blocks of type t in one matmul with the matching rows
-    of the weight; factored blocks (:class:`_Outer`) apply the weight to their channel factor
-    first."""
-    b = lin.bias[bias0:bias0 + (c1 - c0)] if bias0 is not None else None
-    dense, outer = _lin_terms(ctx, lin, xs, t, c0, c1, row_scale)
-    acc = _mm(dense[0], dense[1], b) if dense is not None else None
-    for o, w in outer:
-        term = o.s * _mm(o.x, w)  # (B, d, V) from (B, 1, V)
+        acc = _mm(x, weight(dense), b)
+    for blk in outer:
+        o = blk[1]
+        term = o.s * _mm(o.x, weight([blk]))  # (B, d, V) from (B, 1, V)
         if acc is None:
             acc = term + b if b is not None else term
         else:
@@ -684,60 +656,6 @@ def _segment_softmax(logits: Tensor, dst: Segments, weight: Tensor | None) -> Te
     return e / dst.gather(dst.sum(e))
 
 
-def _attended_values(ctx: _Ctx, lin: IrrepsLinear, xs: Sequence[Tensor | None], alpha: Tensor, dst: Segments,
-                     row_scale: dict[int, RowScale] | None = None) -> Feat:
-    """The attention's output before ``lin_out``: per destination, ``sum_e alpha[e, h] v[e]`` over
-    its edges, head h's channels of every block of ``v = lin(xs)`` (the value map), alpha (E, H).
-
-    The value map is linear, so for its dense inputs x (E, d, m) it is applied after the sum,
-    ``sum_e a_eh (x_e W)_h = (sum_e a_eh x_e) W_h``: one (D d, m) x (m, mul / H) product per head
-    on the D destinations instead of (E d, m) x (m, mul) on the E edges (V2E: 311 tokens instead
-    of 1,019 incidences for DHA; E2V: 56 atoms instead of 311 tokens), the sum taken over
-    (E, d, H, m) weighted inputs instead of (E, d, mul) values. Factored inputs (:class:`_Outer`,
-    rank 1 per edge, their product already taken on one component) and the bias (times
-    ``sum_e a_eh``) keep the edge-side order. ``VALUE_MAP_AFTER_SUM = False``: the map on every
-    edge, then the sum, as the plain module computes it; the same numbers to rounding."""
-    meta = _lmeta(ctx, lin)
-    e, h = alpha.shape
-    after = VALUE_MAP_AFTER_SUM
-    a_sum = None
-    out = []
-    for (mul, ir), (t, c0, c1, b0) in zip(lin.irreps_out, meta.out_cols):
-        mh = mul // h
-        if not after:
-            v = _lin_cols(ctx, lin, xs, t, c0, c1, b0, row_scale) if t is not None else None
-            if v is None:  # no input of this type: the bias (scalars) or zeros
-                ref = next(x for x in xs if x is not None)
-                v = (ref.x if isinstance(ref, _Outer) else ref).new_zeros(e, ir.dim, mul)
-                if b0 is not None:
-                    v = v + lin.bias[b0:b0 + mul]
-            d = v.shape[1]
-            out.append(dst.sum((v.view(e, d, h, mh) * alpha.view(e, 1, h, 1)).view(e, d, mul)))
-            continue
-        acc, edge = None, None
-        if t is not None:
-            dense, outer = _lin_terms(ctx, lin, xs, t, c0, c1, row_scale, heads=h)
-            if dense is not None:
-                x, wh = dense  # (E, d, m), (H, m, mul / H)
-                acc = _mm_per_head(dst.sum(x.unsqueeze(2) * alpha.view(e, 1, h, 1)), wh)  # (D, d, mul)
-            for o, w in outer:
-                term = o.s * _mm(o.x, w)  # (E, d, mul)
-                edge = term if edge is None else edge + term
-        if edge is not None:
-            d = edge.shape[1]
-            part = dst.sum((edge.view(e, d, h, mh) * alpha.view(e, 1, h, 1)).view(e, d, mul))
-            acc = part if acc is None else acc + part
-        if b0 is not None:
-            if a_sum is None:
-                a_sum = dst.sum(alpha)  # (D, H)
-            part = (a_sum.unsqueeze(2) * lin.bias[b0:b0 + mul].view(h, mh)).view(-1, 1, mul)
-            acc = part if acc is None else acc + part
-        if acc is None:
-            acc = alpha.new_zeros(dst.size, ir.dim, mul)
-        out.append(acc)
-    return out
-
-
 def _attention(ctx: _Ctx, att: HyperAttention, x_dst: Feat, x_src: Feat | None, src: Segments | None,
                dst: Segments, attr: Feat, hidden: Tensor | None, edge_weight: Tensor | None,
                sh_mode: bool) -> Feat:
@@ -776,10 +694,18 @@ def _attention(ctx: _Ctx, att: HyperAttention, x_dst: Feat, x_src: Feat | None, 
         wflat = att.tp2.weight
         row_scale = {p: (wflat, off, u, pw) for p, (_a, _b, _c, _l1, _l2, _l3, pw, off, u, _v)
                      in enumerate(meta2.paths)}
+        v = _linear(ctx, att.lin_value2, t2, row_scale)
     else:
         t2 = _tp_shared(ctx, att.tp2, g, attr)
-        row_scale = None
-    return _linear(ctx, att.lin_out, _attended_values(ctx, att.lin_value2, t2, alpha, dst, row_scale))
+        v = _linear(ctx, att.lin_value2, t2)
+
+    h = att.num_heads
+    out = []
+    for x in v:
+        e, d, mul = x.shape
+        x = (x.view(e, d, h, mul // h) * alpha.view(e, 1, h, 1)).view(e, d, mul)
+        out.append(dst.sum(x))
+    return _linear(ctx, att.lin_out, out)
 
 
 # ------------------------------------------------------------------ network
