@@ -12,7 +12,10 @@ products; ``matmul`` is the eager layout (batched matmuls), which the compiled p
 lists as scatter-adds (ATen's ``index_put``), as before the inverse tables of
 :mod:`se3set_ase.model.segments` (2026-12-07); ``scalar-constants`` is the default with the
 traced graph's 0-d constants left 0-d, over which Dynamo restarted its trace once per compile, as
-before 2026-12-07's fifth session (the script says when a compile restarted); ``freezing``, ``serial-loops``, ``grouped``, ``static``, ``autotune``,
+before 2026-12-07's fifth session (the script says when a compile restarted); ``bf16-matmul`` is
+the default with the linear maps' matrix products in bfloat16 (opt-in,
+``CompiledEnergyForces(matmul_dtype=torch.bfloat16)``: faster on CPUs with AVX512-BF16, not the
+issue's 1e-5, the force error column says how far); ``freezing``, ``serial-loops``, ``grouped``, ``static``, ``autotune``,
 ``memory-planning``, ``aggressive-fusion``, ``chunk64`` and ``dynamic-threads`` are TorchInductor
 options and layouts that were measured and not adopted (``benchmarks/README.md``; measured against
 the Python-wrapper default of their day, their options now apply over the C++ wrapper). For each
@@ -97,6 +100,9 @@ VARIANTS = {
     # before 2026-12-07 (fifth session): Dynamo reads them as floats and restarts its whole trace
     # once per compile to specialise them (``compiled._no_scalar_constants``); the same kernels
     "scalar-constants": (True, True, None, None),
+    # default layout, the linear maps' matrix products in bfloat16 (``CompiledEnergyForces(
+    # matmul_dtype=torch.bfloat16)``, opt-in: not the issue's numerics, the force error is printed)
+    "bf16-matmul": (True, True, None, None),
 }
 # the variants compiled without inverse tables
 SCATTER_VARIANTS = {"scatter"}
@@ -142,7 +148,8 @@ def main() -> None:
             t0 = time.perf_counter()
             cls = StaticShapes if name == "static" else CompiledEnergyForces
             c = cls(model, unroll_products=unroll, inductor_options=options,
-                    segment_tables=name not in SCATTER_VARIANTS)
+                    segment_tables=name not in SCATTER_VARIANTS,
+                    matmul_dtype=torch.bfloat16 if name == "bf16-matmul" else None)
             keep = compiled._no_scalar_constants
             if name == "scalar-constants":
                 compiled._no_scalar_constants = lambda graph: None

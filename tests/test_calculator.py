@@ -691,3 +691,34 @@ def test_compiled_cpu_graph_holds_no_scatter_add_of_features():
     without, with_tables = scatters(None), scatters(table_widths(hg))
     assert max(without) == 3 and len(with_tables) < len(without) // 3
     assert with_tables and max(with_tables) <= 2
+
+
+def test_bf16_products_reach_the_compiled_graph_and_the_calculator(model, monkeypatch):
+    """``matmul_dtype=torch.bfloat16`` goes where the products are traced: the compiled graph
+    (run here as traced, ``torch.compile`` replaced by the identity, so no TorchInductor build)
+    holds bfloat16 matrix products and gives the eager network's bfloat16 numbers; the calculator
+    passes it to both paths; anything but a 16-bit float type is refused by name."""
+    from se3set_ase.model.compiled import CompiledEnergyForces
+    from se3set_ase.model.fused import matmul_dtype
+
+    frozen = randomised(preset="md22", num_blocks=1).requires_grad_(False)
+    hg = Fragmenter(frozen.config.fragment)(next(_jittered_dha(1))).to("cpu", torch.float64)
+    monkeypatch.setattr(torch, "compile", lambda graph, **_kwargs: graph)
+    traced = CompiledEnergyForces(frozen, matmul_dtype=torch.bfloat16)
+    e_c, f_c, _ = traced(hg)
+    graph = traced._graphs(hg).fn
+    low = [n for n in graph.graph.nodes if n.op == "call_function" and str(n.target).startswith("aten.mm")
+           and n.meta["val"].dtype == torch.bfloat16]
+    assert len(low) >= 10
+    with matmul_dtype(torch.bfloat16):
+        e_b, f_b, _ = energy_and_forces(frozen, hg)
+    e_64, f_64, _ = energy_and_forces(frozen, hg)
+    torch.testing.assert_close(f_c, f_b, rtol=0, atol=1e-9 * float(f_b.abs().max()))
+    assert 1e-5 < float((f_b - f_64).abs().max() / f_64.abs().max()) < 0.1
+
+    atoms = next(_jittered_dha(1))
+    atoms.calc = SE3SetCalculator(frozen, device="cpu", matmul_dtype=torch.bfloat16)
+    f_calc = atoms.get_forces()
+    np.testing.assert_allclose(f_calc, f_b.numpy(), rtol=0, atol=1e-9 * float(f_b.abs().max()))
+    with pytest.raises(ValueError, match="matmul_dtype must be None, torch.bfloat16 or torch.float16"):
+        SE3SetCalculator(frozen, device="cpu", matmul_dtype=torch.int8)

@@ -206,3 +206,25 @@ def test_unrolled_cg_products_equal_the_dense_contraction(l1, l2, l3):
     yv = y[:, :, 0]
     s = torch.einsum("ijk,zj->zik", c, yv)
     torch.testing.assert_close(_contract_unrolled(s, x), torch.einsum("zik,ziu->zku", s, x), rtol=0, atol=1e-14)
+
+
+def test_bf16_products_move_the_numbers_by_their_rounding_only():
+    """``fused.matmul_dtype(torch.bfloat16)``: the linear maps multiply in bfloat16 and the rest of
+    the network in float32. Energies and forces move (the option is live) by about bfloat16's
+    rounding (8 significant bits), no more, and come back in float32; the network's own dtype as
+    matmul dtype is the default path to the bit, and leaving the block restores it."""
+    from se3set_ase.model.fused import matmul_dtype
+
+    model, hg = _setup("small", "md17", "aspirin.xyz", torch.float32)
+    E0, F0, _ = fused_energy_and_forces(model, hg)
+    with matmul_dtype(torch.bfloat16):
+        E1, F1, _ = fused_energy_and_forces(model, hg)
+    with matmul_dtype(torch.float32):
+        E2, F2, _ = fused_energy_and_forces(model, hg)
+    E3, F3, _ = fused_energy_and_forces(model, hg)
+    assert F1.dtype == torch.float32 and E1.dtype == E0.dtype
+    rel = float((F1 - F0).abs().max() / F0.abs().max())
+    assert 2.0 ** -12 < rel < 2.0 ** -4, rel
+    assert float((E1 - E0).detach().abs().max()) < 2.0 ** -6 * float(E0.detach().abs().max())
+    assert torch.equal(F2, F0) and torch.equal(E2, E0)
+    assert torch.equal(F3, F0) and torch.equal(E3, E0)

@@ -48,7 +48,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..hypergraph import Hypergraph, no_host_sync
-from .fused import inverse_tables, unrolled_products
+from .fused import inverse_tables, matmul_dtype, unrolled_products
 from .network import SE3SetModel, energy_and_forces
 from .per_topology import PerTopology, same_atoms
 from .segments import SegmentOverflow, inverse_table, max_segment
@@ -126,16 +126,21 @@ class CompiledEnergyForces:
     it was measured 1.06-1.07x faster per paper-preset call) or through ATen's ``index_select`` /
     ``index_add`` (default on CUDA). The index tensors of a hypergraph passed in must not be
     changed in place afterwards: the tables of the last ones are kept by identity.
+    ``matmul_dtype``: e.g. ``torch.bfloat16``: the linear maps' matrix products traced in that type
+    (:func:`.fused.matmul_dtype`; opt-in, not the model's numbers: ``benchmarks/README.md`` gives
+    the speed and the force error); None (default): the model's dtype.
     """
 
     def __init__(self, model: SE3SetModel, max_graphs: int = 4, unroll_products: bool | None = None,
-                 inductor_options: dict | None = None, segment_tables: bool | None = None):
+                 inductor_options: dict | None = None, segment_tables: bool | None = None,
+                 matmul_dtype: torch.dtype | None = None):
         self.device = next(model.parameters()).device
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(f"compiled energy + forces is implemented for the CPU and CUDA, not {self.device}")
         if any(p.requires_grad for p in model.parameters()):
             raise ValueError("compiled energy + forces is for inference: set requires_grad_(False) on the parameters")
         self.model = model
+        self.matmul_dtype = matmul_dtype
         # measured on the CPU (benchmarks/bench_compiled.py); on CUDA not yet, so it keeps the
         # layout whose H100 figures are recorded
         self.unroll_products = self.device.type == "cpu" if unroll_products is None else unroll_products
@@ -158,7 +163,7 @@ class CompiledEnergyForces:
         static = hg.to(self.device, self.model.dtype)
         # per-edge CG products as element-wise sums, which Inductor fuses into its loops
         # (``unroll_products=False``: as batched matmuls, the eager layout; for A/B timing)
-        with unrolled_products(self.unroll_products):
+        with unrolled_products(self.unroll_products), matmul_dtype(self.matmul_dtype):
             return self._trace_and_compile(static)
 
     # symbolic sizes: one graph serves every token list of a molecule. A subclass may set False

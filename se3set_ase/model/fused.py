@@ -81,6 +81,27 @@ _UNROLL = contextvars.ContextVar("se3set_unroll_products", default=False)
 _TABLES = contextvars.ContextVar("se3set_inverse_tables", default=None)
 
 
+# Within :func:`matmul_dtype`: the type the linear maps' matrix products round their inputs to
+# (``torch.bfloat16``), or None: the network's own dtype.
+_MATMUL_DTYPE = contextvars.ContextVar("se3set_matmul_dtype", default=None)
+
+
+@contextmanager
+def matmul_dtype(dtype: torch.dtype | None) -> Iterator[None]:
+    """Within the block the fused network's linear maps (and the E2V products' attribute
+    contraction, ``attr @ W^T``): 94 % of a paper-preset call's matrix-product work) multiply in
+    ``dtype``: inputs and weights rounded to it, products accumulated as the backend does (fp32 for
+    ``torch.bfloat16`` on CPUs with AVX512-BF16 or AMX, and on CUDA), the result and the bias in the
+    network's dtype. Their derivatives multiply in ``dtype`` too. None: the network's dtype (the
+    default). Not bitwise, not the issue's 1e-5: see ``benchmarks/README.md`` for the measured
+    force error."""
+    token = _MATMUL_DTYPE.set(dtype)
+    try:
+        yield
+    finally:
+        _MATMUL_DTYPE.reset(token)
+
+
 @contextmanager
 def unrolled_products(on: bool = True) -> Iterator[None]:
     """Within the block the fused network writes its per-edge Clebsch-Gordan products as
@@ -185,10 +206,18 @@ def from_blocks(xs: Feat, irreps: o3.Irreps) -> Tensor:
 
 
 def _mm(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x @ w (+ bias) with x (B, d, m) and w (m, V): one mm (addmm) on the (B*d, m) view."""
+    """x @ w (+ bias) with x (B, d, m) and w (m, V): one mm (addmm) on the (B*d, m) view. Within
+    :func:`matmul_dtype` the product's inputs are rounded to that type (its result, and the bias
+    added to it, in x's)."""
     b, d, m = x.shape
     x2 = x.reshape(b * d, m)
-    out = torch.mm(x2, w) if bias is None else torch.addmm(bias, x2, w)
+    low = _MATMUL_DTYPE.get()
+    if low is not None and low != x.dtype:
+        out = torch.mm(x2.to(low), w.to(low)).to(x.dtype)
+        if bias is not None:
+            out = out + bias
+    else:
+        out = torch.mm(x2, w) if bias is None else torch.addmm(bias, x2, w)
     return out.view(b, d, w.shape[1])
 
 
