@@ -15,7 +15,7 @@ traced graph's 0-d constants left 0-d, over which Dynamo restarted its trace onc
 before 2026-12-07's fifth session (the script says when a compile restarted); ``bf16-matmul`` is
 the default with the linear maps' matrix products in bfloat16 (opt-in,
 ``CompiledEnergyForces(matmul_dtype=torch.bfloat16)``: faster on CPUs with AVX512-BF16, not the
-issue's 1e-5, the force error column says how far); ``freezing``, ``serial-loops``, ``grouped``, ``static``, ``autotune``,
+issue's 1e-5, the force error column says how far); ``freezing``, ``serial-loops``, ``grouped``, ``static``, ``autotune``, ``fp-contract``,
 ``memory-planning``, ``aggressive-fusion``, ``chunk64`` and ``dynamic-threads`` are TorchInductor
 options and layouts that were measured and not adopted (``benchmarks/README.md``; measured against
 the Python-wrapper default of their day, their options now apply over the C++ wrapper). For each
@@ -103,6 +103,10 @@ VARIANTS = {
     # default layout, the linear maps' matrix products in bfloat16 (``CompiledEnergyForces(
     # matmul_dtype=torch.bfloat16)``, opt-in: not the issue's numerics, the force error is printed)
     "bf16-matmul": (True, True, None, None),
+    # default layout, the C++ loops built with -ffp-contract=fast (TorchInductor's default: off): the
+    # compiler may fuse a multiply and an add into one FMA instruction (the unrolled CG products and
+    # the segment sums are chains of them); rounds differently, inside the 1e-5 bound
+    "fp-contract": (True, True, None, {"cpp.enable_floating_point_contract_flag": "fast"}),
 }
 # the variants compiled without inverse tables
 SCATTER_VARIANTS = {"scatter"}

@@ -37,6 +37,9 @@ How the pieces map onto the plain modules:
   CPU the gathers and sums along the index lists go through inverse tables
   (:func:`inverse_tables`, :mod:`.segments`), gathers in both directions instead of scatter-adds.
 
+- Opt-in, not the model's numbers: within :func:`matmul_dtype` (``torch.bfloat16``) the linear
+  maps' products round their inputs to that type (``benchmarks/README.md``: speed and error).
+
 Everything is batched over atoms/tokens/edges; Python loops run over the handful of l-paths.
 Tested against the plain forward in ``tests/test_fused.py`` (float64 to 1e-10, float32 to 1e-5,
 energies, forces and force-loss parameter gradients).
