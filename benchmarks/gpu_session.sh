@@ -15,7 +15,7 @@
 # with timeout_s=600.
 #   1. the whole test suite with CUDA present (-n 16, ~280 s on the H100: calculator CUDA float32 vs
 #      CPU float64, CUDA graphs, compile=True on CUDA, deterministic resume on CUDA, ...)
-#   2. with PROFILE=1: gpu_profile.py: kernels and GPU time per call, TF32, training samples/s
+#   2. with PROFILE=1: gpu_profile.py: kernels and GPU time per call, TF32 and bfloat16 products, training samples/s
 #   3. gpu_profile.py --sections compile: the compiled + CUDA-graph path, small preset (~2.5 min;
 #      COMPILE_PRESETS=paper COMPILE_S=420 for the paper preset, whose compile takes ~3.7 min)
 #   4. with BENCH=1: bench_speed.py --device cuda (all molecules, plain vs fused vs CUDA graph)
