@@ -36,16 +36,15 @@ from se3set_ase.registry import resolve_model  # noqa: E402
 DEFAULT_DATA = Path("/work/shared/data/gfn2/DHA.extxyz")
 
 
-def force_errors(path: Path, frames) -> dict[str, np.ndarray]:
-    """Per frame: mean |F - F_float64| (meV/Å) with float32 and with bfloat16 products."""
-    m32, _ = load_model(path, dtype=torch.float32, device="cpu")
-    m64, _ = load_model(path, dtype=torch.float64, device="cpu")
+def force_errors(m32, m64, frames) -> dict[str, np.ndarray]:
+    """Per frame: mean |F - F_float64| (meV/Å) with float32 and with bfloat16 products, for the
+    same model in float32 (``m32``) and float64 (``m64``), both frozen."""
     fragmenter = Fragmenter.for_model(m32)
     out: dict[str, list] = {"float32": [], "bfloat16": [], "bfloat16 max": []}
     for atoms in frames:
         hg = fragmenter(atoms)
-        _, f_ref, _ = energy_and_forces(m64.requires_grad_(False), hg.to("cpu", torch.float64))
-        _, f32, _ = energy_and_forces(m32.requires_grad_(False), hg.to("cpu", torch.float32))
+        _, f_ref, _ = energy_and_forces(m64, hg.to("cpu", torch.float64))
+        _, f32, _ = energy_and_forces(m32, hg.to("cpu", torch.float32))
         with matmul_dtype(torch.bfloat16):
             _, f16, _ = energy_and_forces(m32, hg.to("cpu", torch.float32))
         out["float32"].append(float((f32.double() - f_ref).abs().mean()) * 1e3)
@@ -84,12 +83,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=400)
     args = ap.parse_args()
     path = resolve_model(args.model)
-    _, meta = load_model(path, dtype=torch.float32, device="cpu")
+    m32, meta = load_model(path, dtype=torch.float32, device="cpu")
+    m64, _ = load_model(path, dtype=torch.float64, device="cpu")
     frames = ase.io.read(args.data, index=f":{args.frames}")
     print(f"# {args.model} on {len(frames)} frames of {args.data}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread(s); eager network, float32 model")
     mae = (meta.get("metrics") or {}).get("test", {}).get("forces_mae_meV_A")
-    err = force_errors(path, frames)
+    err = force_errors(m32.requires_grad_(False), m64.requires_grad_(False), frames)
     print("| products | mean |F - F(float64)| meV/Å | max over atoms and frames meV/Å |")
     print("|---|---|---|")
     print(f"| float32 | {err['float32'].mean():.4f} | - |")

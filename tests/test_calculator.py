@@ -693,7 +693,7 @@ def test_compiled_cpu_graph_holds_no_scatter_add_of_features():
     assert with_tables and max(with_tables) <= 2
 
 
-def test_bf16_products_reach_the_compiled_graph_and_the_calculator(model, monkeypatch):
+def test_bf16_products_reach_the_compiled_graph_and_the_calculator(monkeypatch):
     """``matmul_dtype=torch.bfloat16`` goes where the products are traced: the compiled graph
     (run here as traced, ``torch.compile`` replaced by the identity, so no TorchInductor build)
     holds bfloat16 matrix products and gives the eager network's bfloat16 numbers; the calculator
@@ -712,8 +712,9 @@ def test_bf16_products_reach_the_compiled_graph_and_the_calculator(model, monkey
     assert len(low) >= 10
     with matmul_dtype(torch.bfloat16):
         e_b, f_b, _ = energy_and_forces(frozen, hg)
-    e_64, f_64, _ = energy_and_forces(frozen, hg)
+    _e_64, f_64, _ = energy_and_forces(frozen, hg)
     torch.testing.assert_close(f_c, f_b, rtol=0, atol=1e-9 * float(f_b.abs().max()))
+    torch.testing.assert_close(e_c, e_b, rtol=1e-12, atol=0)
     assert 1e-5 < float((f_b - f_64).abs().max() / f_64.abs().max()) < 0.1
 
     atoms = next(_jittered_dha(1))
