@@ -13,12 +13,15 @@ the graph calls it. TorchInductor leaves these products to ATen (MKL on these wh
 is what a call spends in them if nothing else ran, whatever the compiler does with the rest.
 
 Unless ``--no-compile``, the compiled call (``CompiledEnergyForces``, minutes to compile) is timed
-in the same process, in rounds alternated with the isolated products, so the ratio of the two does
-not move with this machine's speed, which does (the same compiled call took 148.6-177.6 ms within
-one evening). ``--alternatives`` also times each product through MKL's packed weights and through
-oneDNN's linear (what TorchInductor's ``freezing`` would use for a constant weight), as if its
-second operand were a constant weight. A 1024^3 product gives the large-matrix rate of the same run.
-Random weights, float32.
+in the same process, in rounds alternated with the isolated products (medians on both sides), so
+the ratio of the two does not move with this machine's speed, which does (the same compiled call
+took 148.6-177.6 ms within one evening). The isolated pass calls each product from Python (a few
+microseconds of dispatch and an output allocation each), where the compiled call's C++ wrapper
+calls them directly: it slightly overstates the products' share. ``--alternatives`` also times the
+2-D products (mm, addmm; bmm left out) as linears with a constant weight: through ATen, MKL's
+packed weights (how TorchInductor's ``freezing`` packs a float32 linear's weight) and oneDNN's
+linear, each given a contiguous input and the weight pre-transposed. A 1024^3 product gives the
+large-matrix rate of the same run. Random weights, float32.
 """
 from __future__ import annotations
 
@@ -55,8 +58,8 @@ def product_flops(name: str, shapes: list[tuple[int, ...]]) -> int:
 
 
 def graph_products(model, hg) -> Counter:
-    """The products of the compiled CPU graph for ``hg``: (op, ((shape, stride) of each tensor
-    argument), the other arguments) -> how many times one call runs it."""
+    """The products of the compiled CPU graph for ``hg``: (op, ((shape, stride, dtype) of each
+    tensor argument), the other arguments) -> how many times one call runs it."""
     static = hg.to("cpu", model.dtype)
     with unrolled_products(True):
         graph = trace_energy_and_forces(model, static, symbolic_sizes=False, widths=table_widths(static))
@@ -68,17 +71,17 @@ def graph_products(model, hg) -> Counter:
         for arg in node.args:
             if isinstance(arg, torch.fx.Node):
                 val = arg.meta["val"]
-                layout.append((tuple(int(s) for s in val.shape), tuple(int(s) for s in val.stride())))
+                layout.append((tuple(int(s) for s in val.shape), tuple(int(s) for s in val.stride()), val.dtype))
             else:
                 rest.append(arg)
         found[(node.target, tuple(layout), tuple(rest), tuple(sorted(node.kwargs.items())))] += 1
     return found
 
 
-def strided(shape: tuple[int, ...], stride: tuple[int, ...]) -> torch.Tensor:
-    """A random float32 tensor with this shape and these strides."""
-    t = torch.empty_strided(shape, stride)
-    t.as_strided((t.untyped_storage().nbytes() // 4,), (1,)).normal_()
+def strided(shape: tuple[int, ...], stride: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A random tensor with this shape, these strides and this dtype."""
+    t = torch.empty_strided(shape, stride, dtype=dtype)
+    t.as_strided((t.untyped_storage().nbytes() // t.element_size(),), (1,)).normal_()
     return t
 
 
@@ -99,9 +102,9 @@ class Products:
     def __init__(self, found: Counter):
         self.items = []  # (name, count, flops, shapes, fn, (a, b, bias) for the alternatives)
         for (target, layout, rest, kwargs), count in found.items():
-            tensors = [strided(shape, stride) for shape, stride in layout]
+            tensors = [strided(shape, stride, dtype) for shape, stride, dtype in layout]
             name = PRODUCTS[target]
-            shapes = [shape for shape, _stride in layout]
+            shapes = [shape for shape, _stride, _dtype in layout]
 
             def fn(target=target, tensors=tensors, rest=rest, kwargs=dict(kwargs)):
                 return target(*tensors, *rest, **kwargs)
@@ -153,7 +156,7 @@ def main() -> None:
     ap.add_argument("--molecule", default="DHA", help="aspirin, Ac-Ala3-NHMe, DHA or stachyose")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5, help="alternated rounds of call and isolated products")
-    ap.add_argument("--calls", type=int, default=5, help="compiled calls per round")
+    ap.add_argument("--calls", type=int, default=5, help="compiled calls (and passes over the products) per round")
     ap.add_argument("--repeats", type=int, default=15, help="timings per distinct product")
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--no-compile", action="store_true", help="only the isolated products")
@@ -187,8 +190,8 @@ def main() -> None:
     t0 = time.perf_counter()
     call = CompiledEnergyForces(model)
     call(hg)
-    print(f"# compiled in {time.perf_counter() - t0:.0f} s; rounds of {args.calls} calls and one pass over "
-          "the isolated products, alternated (medians)", flush=True)
+    print(f"# compiled in {time.perf_counter() - t0:.0f} s; rounds of {args.calls} calls and {args.calls} passes "
+          "over the isolated products, alternated (medians)", flush=True)
     for _ in range(3):
         call(hg)
     calls, alone = [], []
@@ -199,12 +202,14 @@ def main() -> None:
             call(hg)
             ts.append(time.perf_counter() - t0)
         calls.append(statistics.median(ts))
-        alone.append(min(prods.time_all() for _ in range(3)))
+        alone.append(statistics.median(prods.time_all() for _ in range(args.calls)))
         print(f"round {r + 1}: call {calls[-1] * 1e3:.1f} ms, its products alone {alone[-1] * 1e3:.1f} ms "
-              f"({alone[-1] / calls[-1]:.0%})", flush=True)
-    c, p = statistics.median(calls), statistics.median(alone)
-    print(f"# compiled call {c * 1e3:.1f} ms; its matrix products alone {p * 1e3:.1f} ms ({p / c:.0%} of it); "
-          f"the rest {(c - p) * 1e3:.1f} ms")
+              f"({alone[-1] / calls[-1]:.0%}), the rest {(calls[-1] - alone[-1]) * 1e3:.1f} ms", flush=True)
+    share = statistics.median(p / c for p, c in zip(alone, calls))
+    rest = statistics.median(c - p for p, c in zip(alone, calls))
+    print(f"# medians over the rounds: compiled call {statistics.median(calls) * 1e3:.1f} ms; its matrix products "
+          f"alone {statistics.median(alone) * 1e3:.1f} ms, {share:.0%} of the call in the same round; the rest "
+          f"{rest * 1e3:.1f} ms")
 
 
 if __name__ == "__main__":

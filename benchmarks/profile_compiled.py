@@ -16,9 +16,13 @@ and per ATen kernel) against the kernels it calls.
 ``--perf SECONDS`` samples instead both threads of this process with Linux ``perf`` (``perf record
 -g -p``, 2000 Hz) while it calls the graph for that long, and sums the samples by thread and library
 and by kind: MKL's matrix-product kernels (and, apart, its packing and output-scaling passes),
-TorchInductor's loops, the OpenMP runtime (a thread waiting for work or at a barrier) and the rest.
-The graph's C++ wrapper calls ATen's kernels outside the profiler's view, which this sees; needs
-``perf`` on the PATH and ``kernel.perf_event_paranoid`` <= 2.
+TorchInductor's loops, the OpenMP runtime (libgomp, whose symbols the wheel strips: its hot
+addresses are ``pause`` spin loops, ``objdump -d``, i.e. a thread waiting for work or at a barrier)
+and the rest. perf samples a thread only while it is on a CPU,
+so the shares are of the call's time times the threads while both keep their cores (they did here:
+each thread had about half of the samples). The graph's C++ wrapper calls ATen's kernels outside
+``torch.profiler``'s view, which this sees; needs ``perf`` on the PATH and
+``kernel.perf_event_paranoid`` <= 2.
 """
 from __future__ import annotations
 
@@ -121,20 +125,26 @@ def perf_samples(call, hg, seconds: float, rows: int) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         data = f"{tmp}/perf.data"
-        rec = subprocess.Popen(["perf", "record", "-F", "2000", "-g", "-p", str(os.getpid()), "-o", data,
-                                "--", "sleep", str(seconds)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        time.sleep(0.5)
-        n, t0 = 0, time.perf_counter()
-        while rec.poll() is None:
-            call(hg)
-            n += 1
-        elapsed = time.perf_counter() - t0
-        if rec.returncode != 0:
-            raise SystemExit(f"perf record failed: {rec.stderr.read().decode()[-500:]}")
-        report = subprocess.run(["perf", "report", "-i", data, "--no-children", "--sort", "pid,dso,sym", "-g", "none",
-                                 "--percent-limit", "0", "--stdio"], capture_output=True, text=True, check=True).stdout
+        with open(f"{tmp}/perf.err", "w") as err:
+            rec = subprocess.Popen(["perf", "record", "-F", "2000", "-g", "-p", str(os.getpid()), "-o", data,
+                                    "--", "sleep", str(seconds)], stdout=subprocess.DEVNULL, stderr=err)
+            time.sleep(0.5)
+            n, t0 = 0, time.perf_counter()
+            while rec.poll() is None:
+                call(hg)
+                n += 1
+            elapsed = time.perf_counter() - t0
+        if rec.returncode != 0 or n == 0:
+            raise SystemExit(f"perf record failed (exit {rec.returncode}, {n} calls sampled): "
+                             f"{open(f'{tmp}/perf.err').read()[-500:]}")
+        rep = subprocess.run(["perf", "report", "-i", data, "--no-children", "--sort", "pid,dso,sym", "-g", "none",
+                              "--percent-limit", "0", "--stdio"], capture_output=True, text=True)
+        if rep.returncode != 0:
+            raise SystemExit(f"perf report failed: {rep.stderr[-500:]}")
+        report = rep.stdout
     print(f"# {n} calls in {elapsed:.1f} s ({elapsed / n * 1e3:.1f} ms per call, perf attached)")
-    line = re.compile(r"^\s*([\d.]+)%\s+(\d+):\S+\s+(\S+)\s+\[(.)\]\s+(.*)$")
+    # "  20.25%  32149:python  libtorch_cpu.so  [.] mkl_blas_def_sgemm_kernel_0_zen"
+    line = re.compile(r"^\s*([\d.]+)%\s+(\d+):.*?\s+(\S+)\s+\[(.)\]\s+(.*)$")
     by_thread: dict[tuple[str, str], float] = defaultdict(float)
     by_kind: dict[str, float] = defaultdict(float)
     by_sym: dict[str, float] = defaultdict(float)
@@ -149,7 +159,7 @@ def perf_samples(call, hg, seconds: float, rows: int) -> None:
             kind = "OpenMP runtime (libgomp: waiting for work, barriers)" if "libgomp" in dso else f"other: {dso}"
         by_kind[kind] += pct
         by_sym[sym[:110]] += pct
-    print("% of samples by kind (both threads; a call's time x threads):")
+    print(f"% of samples by kind (both threads; {sum(by_kind.values()):.2f} % of the samples read from perf's report):")
     for kind, pct in sorted(by_kind.items(), key=lambda kv: -kv[1])[:rows]:
         print(f"{pct:6.2f}  {kind}")
     print("% by thread and library:")
