@@ -28,7 +28,7 @@ busy machine slows all alike: the ratios of the medians are the figures. Forces 
 float64 copy of the model (the issue's accuracy bound: max|dF| / max|F| <= 1e-5), and each variant's
 energies and forces with the first variant's (equal to the bit, or how far apart). One 1024^3
 float32 product is timed just before and just after each preset's timed calls: this machine's
-matrix-product rate moves by a third between hours, and the paper preset's call moves with it
+matrix-product rate moved by 40 % within one hour (144 and 201 GFLOP/s), and the paper preset's call moves with it
 (``mm_floor.py``), so an absolute figure is read beside it.
 """
 from __future__ import annotations
