@@ -27,7 +27,7 @@ compiled graphs and the eager fused call are timed in alternation on the same hy
 busy machine slows all alike: the ratios of the medians are the figures. Forces are compared with a
 float64 copy of the model (the issue's accuracy bound: max|dF| / max|F| <= 1e-5), and each variant's
 energies and forces with the first variant's (equal to the bit, or how far apart). One 1024^3
-float32 product is timed just before and just after each preset's timed calls: this machine's
+float32 product (best of 10) is timed just before and just after each preset's timed calls: this machine's
 matrix-product rate moved by 40 % within one hour (144 and 201 GFLOP/s), and the paper preset's call moves with it
 (``mm_floor.py``), so an absolute figure is read beside it.
 """
@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_speed import make_model, molecules  # noqa: E402
-from mm_floor import gemm_rate  # noqa: E402
+from count_kernels import gemm_rate  # noqa: E402
 from se3set_ase.fragment import Fragmenter, FragmentSettings  # noqa: E402
 from se3set_ase.model import compiled  # noqa: E402
 from se3set_ase.model.compiled import CompiledEnergyForces, dynamo_restarts  # noqa: E402
@@ -177,7 +177,7 @@ def main() -> None:
         times: dict[str, list[float]] = {k: [] for k in calls}
         for fn in calls.values():
             fn()
-        rate_before = gemm_rate()
+        rate_before = gemm_rate(args.threads)
         for _ in range(args.calls):
             for key, fn in calls.items():
                 t0 = time.perf_counter()
@@ -185,7 +185,7 @@ def main() -> None:
                 times[key].append(time.perf_counter() - t0)
         ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
         print(f"#   {preset}: one 1024^3 float32 product at {rate_before:.0f} GFLOP/s before the timed calls, "
-              f"{gemm_rate():.0f} after (this machine's large-matrix rate)", flush=True)
+              f"{gemm_rate(args.threads):.0f} after (this machine's large-matrix rate)", flush=True)
         print(f"| {preset} | eager fused | - | {ms['eager']:.1f} | 1.00x | "
               f"{rel_force_error(calls['eager']()[1], f64):.1e} |")
         out = {name: calls[name]()[:2] for name in variants}  # energies, forces

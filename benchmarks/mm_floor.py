@@ -21,7 +21,7 @@ calls them directly: it slightly overstates the products' share. ``--alternative
 2-D products (mm, addmm; bmm left out) as linears with a constant weight: through ATen, MKL's
 packed weights (how TorchInductor's ``freezing`` packs a float32 linear's weight) and oneDNN's
 linear, each given a contiguous input and the weight pre-transposed. A 1024^3 product gives the
-large-matrix rate of the same run. Random weights, float32.
+large-matrix rate of the same run (``count_kernels.gemm_rate``: best of 10). Random weights, float32.
 """
 from __future__ import annotations
 
@@ -38,12 +38,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_speed import make_model, molecules  # noqa: E402
+from bench_speed import make_model, molecules, timeit  # noqa: E402
+from count_kernels import gemm_rate  # noqa: E402
 from se3set_ase.fragment import Fragmenter, FragmentSettings  # noqa: E402
 from se3set_ase.model.compiled import CompiledEnergyForces, table_widths, trace_energy_and_forces  # noqa: E402
 from se3set_ase.model.fused import unrolled_products  # noqa: E402
 
 aten = torch.ops.aten
+CPU = torch.device("cpu")
 PRODUCTS = {aten.mm.default: "mm", aten.addmm.default: "addmm", aten.bmm.default: "bmm",
             aten.baddbmm.default: "baddbmm"}
 
@@ -86,14 +88,8 @@ def strided(shape: tuple[int, ...], stride: tuple[int, ...], dtype: torch.dtype)
 
 
 def median_time(fn, repeats: int) -> float:
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median seconds of ``fn()`` on the CPU over ``repeats`` calls after two (``bench_speed.timeit``)."""
+    return timeit(fn, CPU, repeats, warmup=2) / 1e3
 
 
 class Products:
@@ -144,12 +140,6 @@ def alternative_times(items, repeats: int) -> tuple[float, float, float]:
     return aten_s, mkl_s, dnn_s
 
 
-def gemm_rate(repeats: int = 10, n: int = 1024) -> float:
-    """GFLOP/s of one n^3 float32 product (the large-matrix rate)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    return 2 * n ** 3 / median_time(lambda: a @ b, repeats) / 1e9
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="paper")
@@ -175,7 +165,7 @@ def main() -> None:
           f"{flops / 1e9:.2f} GFLOP", flush=True)
     each = prods.time_each(args.repeats)
     total = sum(t * it[1] for t, it in zip(each, prods.items))
-    rate = gemm_rate()
+    rate = gemm_rate(args.threads)
     print(f"# alone, each at its own layout: {total * 1e3:.1f} ms per call, {flops / total / 1e9:.0f} GFLOP/s; "
           f"one 1024^3 product: {rate:.0f} GFLOP/s (at that rate: {flops / rate / 1e6:.1f} ms)")
     print(f"{'ms/call':>8} {'count':>5}  {'op':7} {'GFLOP/s':>7}  shapes")

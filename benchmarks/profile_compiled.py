@@ -27,6 +27,7 @@ each thread had about half of the samples). The graph's C++ wrapper calls ATen's
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import statistics
@@ -121,8 +122,6 @@ def perf_samples(call, hg, seconds: float, rows: int) -> None:
     """Call the graph for ``seconds`` while ``perf record`` samples this process; print the samples
     by thread and library, by kind (``KINDS``; the OpenMP runtime by its library) and the top
     symbols."""
-    import os
-
     with tempfile.TemporaryDirectory() as tmp:
         data = f"{tmp}/perf.data"
         with open(f"{tmp}/perf.err", "w") as err:
